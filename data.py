@@ -1,0 +1,202 @@
+"""Data: tokenizers with chat templates written in code (Llama-3.1 headers; ChatML for SmolLM2),
+preference JSONL -> Pair, and padding/loss masks for training batches.
+
+Pair JSONL (one object per line): {"id", "prompt", "chosen", "rejected", ["category"],
+["messages"]}. `messages`, when present, is the whole conversation whose last user turn is
+`prompt`. Malformed lines are errors naming file, line and field; empty answers and identical
+answers are counted skips, reported by the caller.
+"""
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizers
+
+class Tokenizer:
+    """encode/decode plain text (no special tokens added) and apply_chat for the model's template.
+
+    llama3: <|begin_of_text|> once, then <|start_header_id|>role<|end_header_id|>\\n\\n content
+    <|eot_id|> per turn. chatml (SmolLM2): <|im_start|>role\\n content<|im_end|>\\n per turn, no BOS,
+    and SmolLM2's default system prompt when the messages carry none (as its HF template does).
+    """
+
+    def __init__(self, tok: HFTokenizer, source: str):
+        self.tok = tok
+        vocab = tok.get_vocab(with_added_tokens=True)
+        if "<|start_header_id|>" in vocab:
+            self.template = "llama3"
+            self.bos_id = vocab["<|begin_of_text|>"]
+            self.eot_id = vocab["<|eot_id|>"]
+            self.stop_ids = (self.eot_id, vocab["<|end_of_text|>"])
+        elif "<|im_start|>" in vocab:
+            self.template = "chatml"
+            self.bos_id = None
+            self.eot_id = vocab["<|im_end|>"]
+            self.stop_ids = (self.eot_id,) + ((vocab["<|endoftext|>"],) if "<|endoftext|>" in vocab else ())
+        else:
+            raise ValueError(f"{source}: unknown chat template (no Llama-3 header or ChatML tokens)")
+        self.pad_id = self.eot_id
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special=True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_id(self, s: str) -> int:
+        """The id of a string that must be exactly one token (e.g. a verdict letter)."""
+        ids = self.encode(s)
+        if len(ids) != 1:
+            raise ValueError(f"{s!r} is {len(ids)} tokens in this tokenizer, expected 1")
+        return ids[0]
+
+    def apply_chat(self, messages, add_generation_prompt=True) -> list[int]:
+        for i, m in enumerate(messages):
+            if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise ValueError(f"message {i}: needs role in system/user/assistant and string content")
+        if self.template == "llama3":
+            text = "<|begin_of_text|>" + "".join(
+                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages)
+            if add_generation_prompt:
+                text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        else:
+            if messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": SMOLLM_SYSTEM}] + list(messages)
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            if add_generation_prompt:
+                text += "<|im_start|>assistant\n"
+        # as HF's apply_chat_template: the rendered string is tokenized, special tokens included
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+
+def load_tokenizer(path_or_name) -> Tokenizer:
+    """A tokenizer.json file, a model directory holding one, or the default model's name."""
+    from model import DEFAULT_MODEL, resolve_model
+    p = resolve_model(path_or_name) if str(path_or_name) == DEFAULT_MODEL else Path(path_or_name)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: tokenizer.json not found")
+    return Tokenizer(HFTokenizer.from_file(str(p)), str(p))
+
+
+# ----------------------------------------------------------------------------------------------
+# preference pairs
+
+@dataclass
+class Pair:
+    id: str
+    prompt: str
+    chosen: str
+    rejected: str
+    category: str = ""
+    messages: list | None = None  # whole conversation ending in the user turn `prompt`
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadStats:
+    read: int = 0
+    kept: int = 0
+    skipped: dict = field(default_factory=dict)
+
+    def skip(self, why):
+        self.skipped[why] = self.skipped.get(why, 0) + 1
+
+    def __str__(self):
+        s = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.kept}/{self.read} kept (skipped: {s})"
+
+
+def read_jsonl(path):
+    """Yield (line_number, object) from a JSONL file; a malformed line is an error naming it."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            yield n, obj
+
+
+def load_pairs(path, *, limit=None, seed=0, stats: LoadStats | None = None) -> list[Pair]:
+    """Read pair JSONL. Missing or non-string prompt/chosen/rejected: ValueError naming file, line
+    and field. Empty (whitespace-only) answers and chosen == rejected: counted skips in `stats`.
+    `limit` keeps a seeded random subset of that size (order preserved)."""
+    stats = stats if stats is not None else LoadStats()
+    out = []
+    for n, obj in read_jsonl(path):
+        stats.read += 1
+        for k in ("prompt", "chosen", "rejected"):
+            if k not in obj:
+                raise ValueError(f"{path}:{n}: missing field '{k}'")
+            if not isinstance(obj[k], str):
+                raise ValueError(f"{path}:{n}: field '{k}' must be a string, got {type(obj[k]).__name__}")
+        if not obj["chosen"].strip() or not obj["rejected"].strip():
+            stats.skip("empty answer")
+            continue
+        if obj["chosen"] == obj["rejected"]:
+            stats.skip("chosen == rejected")
+            continue
+        msgs = obj.get("messages")
+        if msgs is not None and (not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "user"):
+            raise ValueError(f"{path}:{n}: field 'messages' must be a list of turns ending with a user turn")
+        out.append(Pair(id=str(obj.get("id", f"{Path(path).name}:{n}")), prompt=obj["prompt"],
+                        chosen=obj["chosen"], rejected=obj["rejected"], category=str(obj.get("category", "")),
+                        messages=msgs, meta=obj.get("meta") or {}))
+    if limit is not None and limit < len(out):
+        keep = sorted(random.Random(seed).sample(range(len(out)), limit))
+        out = [out[i] for i in keep]
+    stats.kept = len(out)
+    return out
+
+
+def write_jsonl(path, rows):
+    """Write rows atomically (temp file, then rename)."""
+    from model import atomic_write
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def w(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    atomic_write(path, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+def pad(seqs, pad_id, side="right"):
+    """List of id lists -> (idx [B, T] long, valid [B, T] bool)."""
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(T - len(s), T)
+        idx[i, sl] = torch.tensor(s, dtype=torch.long)
+        valid[i, sl] = True
+    return idx, valid
+
+
+def prompt_completion_batch(examples, pad_id):
+    """[(prompt_ids, completion_ids)] -> idx, valid, loss_mask [B, T]; loss_mask marks the
+    completion tokens (the prompt is never trained on)."""
+    idx, valid = pad([p + c for p, c in examples], pad_id)
+    loss_mask = torch.zeros_like(valid)
+    for i, (p, c) in enumerate(examples):
+        loss_mask[i, len(p):len(p) + len(c)] = True
+    return idx, valid, loss_mask

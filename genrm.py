@@ -1,0 +1,367 @@
+"""The method: judge prompts (paper Appendix A, Fig. 6-8), verdict parsing, forced verdicts,
+GenRM preference probabilities from the indicator tokens (Sec. 4, Eq. 7), the reward of Eq. 6,
+CoT judging with self-consistency (majority vote), and the STaR steps (Sec. 2.2, 4, A.3):
+sample rationales -> keep correct ones (STaR-SFT, Eq. 4/8) or pair correct with incorrect ones
+(STaR-DPO, Eq. 9) -> rationalize failures (Fig. 7) -> train, one disjoint split per iteration.
+
+Artefacts are JSONL with these schemas (drop in rationales from another sampler the same way):
+  samples_{i}.jsonl  {"id", "messages", "label", "completion", "verdict", "forced"}
+  sft_{i}.jsonl      {"id", "messages", "completion"}
+  dpo_{i}.jsonl      {"id", "messages", "chosen", "rejected"}
+`messages` is the rendered judge conversation (system + user), `label` the correct letter.
+"""
+import json
+import math
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from data import Pair, Tokenizer, pad, read_jsonl, write_jsonl
+from model import Llama
+from sample import generate
+
+# --- Appendix A prompts, word for word. The paper's text rendering loses line breaks; the layout
+# --- of the user turn follows MT-Bench's pairwise template, on which the paper's prompts are based.
+SYSTEM_COT = (  # Fig. 6: LLM-as-a-judge and STaR-SFT/DPO
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
+    "assistants to the user question displayed below. You should choose the assistant that follows the "
+    "user's instructions and answers the user's question better. Your evaluation should consider factors "
+    "such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of their "
+    "responses. Begin your evaluation by comparing the two responses and provide a short explanation. "
+    "Avoid any position biases and ensure that the order in which the responses were presented does not "
+    "influence your decision. Do not allow the length of the responses to influence your evaluation. Do "
+    "not favor certain names of the assistants. Be as objective as possible. After providing your "
+    "explanation, output your final verdict by strictly following this format: \"[[A]]\" if assistant A "
+    "is better, \"[[B]]\" if assistant B is better")
+SYSTEM_RATIONALIZER = (  # Fig. 7: the output instructions removed
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
+    "assistants to the user question displayed below. You should choose the assistant that follows the "
+    "user's instructions and answers the user's question better. Your evaluation should consider factors "
+    "such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of their "
+    "responses. Begin your evaluation by comparing the two responses and provide a short explanation. "
+    "Avoid any position biases and ensure that the order in which the responses were presented does not "
+    "influence your decision. Do not allow the length of the responses to influence your evaluation. Do "
+    "not favor certain names of the assistants. Be as objective as possible.")
+SYSTEM_GENRM = (  # Fig. 8: no explanation, no brackets
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
+    "assistants to the user question displayed below. You should choose the assistant that follows the "
+    "user's instructions and answers the user's question better. Your evaluation should consider factors "
+    "such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of their "
+    "responses. Avoid any position biases and ensure that the order in which the responses were presented "
+    "does not influence your decision. Do not allow the length of the responses to influence your "
+    "evaluation. Do not favor certain names of the assistants. Be as objective as possible. Output your "
+    "verdict by strictly following this format: \"A\" if assistant A is better, \"B\" if assistant B is "
+    "better")
+USER_TEMPLATE = ("[Chat Context]\n{chat}\n\n"
+                 "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
+                 "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]")
+RATIONALIZER_ASK = "\n\nExplain why response {win} is better than response {lose}."  # Fig. 7
+VERDICT_PREFIX = "\n\nFinal verdict: [["  # appended to force a verdict (our choice; see force_verdicts)
+KINDS = ("cot", "genrm", "rationalizer")
+
+
+def chat_context(pair: Pair) -> str:
+    """{chat}: the prompt, or for a multi-turn conversation its turns as 'User: ...' lines."""
+    if not pair.messages or len(pair.messages) == 1:
+        return pair.prompt
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in pair.messages)
+
+
+def judge_messages(pair: Pair, a_is_chosen: bool, kind: str = "cot") -> list:
+    """The judge conversation for `pair` with the chosen answer as A (or as B)."""
+    a, b = (pair.chosen, pair.rejected) if a_is_chosen else (pair.rejected, pair.chosen)
+    user = USER_TEMPLATE.format(chat=chat_context(pair), answer_a=a, answer_b=b)
+    if kind == "cot":
+        system = SYSTEM_COT
+    elif kind == "genrm":
+        system = SYSTEM_GENRM
+    elif kind == "rationalizer":
+        system = SYSTEM_RATIONALIZER
+        win, lose = ("A", "B") if a_is_chosen else ("B", "A")
+        user += RATIONALIZER_ASK.format(win=win, lose=lose)
+    else:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def label(a_is_chosen: bool) -> str:
+    return "A" if a_is_chosen else "B"
+
+
+def parse_verdict(text: str):
+    """The last [[A]] or [[B]] in text; None when there is none (a parse failure, never a default)."""
+    found = re.findall(r"\[\[([AB])\]\]", text)
+    return found[-1] if found else None
+
+
+def seeded_orders(pairs, seed) -> list:
+    """A/B order per pair, randomised with a seed (True = chosen is A)."""
+    rng = random.Random(seed)
+    return [rng.random() < 0.5 for _ in pairs]
+
+
+# ----------------------------------------------------------------------------------------------
+# preferences from next-token probabilities
+
+@torch.no_grad()
+def next_token_ab(model: Llama, tok: Tokenizer, seqs, batch_size=4) -> torch.Tensor:
+    """Logits [N, 2] of the tokens 'A' and 'B' right after each token sequence."""
+    ab = torch.tensor([tok.token_id("A"), tok.token_id("B")])
+    out = []
+    dev = model.lm_head.weight.device
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s:s + batch_size]
+        idx, valid = pad(chunk, tok.pad_id)
+        h = model.hidden(idx.to(dev), valid=valid.to(dev))                    # [b, T, H]
+        last = torch.tensor([len(c) - 1 for c in chunk], device=dev)
+        w = model.lm_head.weight[ab.to(dev)]                                   # [2, H]
+        out.append((h[torch.arange(len(chunk), device=dev), last] @ w.T).float().cpu())
+    return torch.cat(out)
+
+
+def preference_from_logits(ab_logits: torch.Tensor) -> torch.Tensor:
+    """p(A > B) = P(A) / (P(A) + P(B)) from the indicator tokens' logits [N, 2] (renormalised over
+    the two, paper Sec. 4 'GenRM compares next-token probabilities of I_1, I_2')."""
+    return torch.softmax(ab_logits.float(), -1)[:, 0]
+
+
+def genrm_preference(model, tok, pairs, *, both_orders=False, batch_size=4):
+    """p(chosen > rejected) per pair from the no-CoT GenRM prompt (Fig. 8). With both_orders, the
+    mean of the chosen-as-A probability and one minus the rejected-as-A probability.
+    Returns dict with 'p' [N] and, per order, 'p_a_chosen' and 'p_b_chosen'."""
+    seqs = [tok.apply_chat(judge_messages(p, True, "genrm")) for p in pairs]
+    p_a = preference_from_logits(next_token_ab(model, tok, seqs, batch_size))     # chosen is A
+    res = {"p_a_chosen": p_a, "p": p_a}
+    if both_orders:
+        seqs = [tok.apply_chat(judge_messages(p, False, "genrm")) for p in pairs]
+        p_b = 1 - preference_from_logits(next_token_ab(model, tok, seqs, batch_size))  # chosen is B
+        res.update(p_b_chosen=p_b, p=(p_a + p_b) / 2)
+    return res
+
+
+def reward_eq6(p_pref: torch.Tensor, eps=1e-6) -> torch.Tensor:
+    """Eq. 6: r(x, y) - r(x, y_ref) = log(p(y > y_ref | x) / (1 - p(y > y_ref | x)))."""
+    p = p_pref.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def force_verdicts(model, tok, prompt_ids, completions, batch_size=4, sample_seeds=None):
+    """For completions without a verdict: append VERDICT_PREFIX after the rationale (its stop token
+    removed) and take the argmax of P(A) vs P(B). With `sample_seeds` (one per completion), draw
+    the verdict from P(A) / (P(A) + P(B)) instead, as the paper's sampler would have drawn the
+    verdict token (STaR sampling); judging uses the argmax. Returns a list of 'A'/'B'."""
+    stop = set(tok.stop_ids)
+    prefix = tok.encode(VERDICT_PREFIX)
+    seqs = [p + [t for t in c if t not in stop] + prefix for p, c in zip(prompt_ids, completions)]
+    pa = preference_from_logits(next_token_ab(model, tok, seqs, batch_size)).tolist()
+    if sample_seeds is None:
+        return ["A" if p >= 0.5 else "B" for p in pa]
+    u = [torch.rand(1, generator=torch.Generator().manual_seed(s)).item() for s in sample_seeds]
+    return ["A" if x < p else "B" for x, p in zip(u, pa)]
+
+
+def with_verdict(rationale: str, verdict: str) -> str:
+    """Training text for a rationale whose verdict was forced: the rationale, then the verdict."""
+    return rationale.rstrip() + VERDICT_PREFIX + verdict + "]]"
+
+
+# ----------------------------------------------------------------------------------------------
+# CoT judging with self-consistency
+
+def majority_vote(verdicts):
+    """Majority over 'A'/'B' votes (None = parse failure, ignored). Returns (winner or None,
+    Counter, status) with status 'ok', 'tie' or 'no-verdict'. Ties are reported, not broken."""
+    c = Counter(v for v in verdicts if v is not None)
+    if not c:
+        return None, c, "no-verdict"
+    if c["A"] == c["B"]:
+        return None, c, "tie"
+    return ("A" if c["A"] > c["B"] else "B"), c, "ok"
+
+
+def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temperature=1.0, top_p=0.95,
+              seed=0, force="argmax", prompt_batch=4, progress=True, kind="cot"):
+    """Sample n judge rationales per (pair, order) from one prefill each and read the verdicts.
+    Returns, per pair, a list of n dicts {completion, verdict, forced} where `forced` marks a
+    verdict obtained by force_verdicts when no [[A]]/[[B]] was written (force: "argmax",
+    "sample" or None for no forcing). Seeds are per pair (seed + pair index in this call), so
+    batch size does not change results."""
+    prompts = [tok.apply_chat(judge_messages(p, o, kind)) for p, o in zip(pairs, a_is_chosen)]
+    outs = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, stop_ids=tok.stop_ids, seed=seed, prompt_batch=prompt_batch, progress=progress)
+    res = [[{"completion": tok.decode(c.tokens), "tokens": c.tokens} for c in o] for o in outs]
+    todo = []
+    for i, r in enumerate(res):
+        for j, s in enumerate(r):
+            s["verdict"] = parse_verdict(s["completion"])
+            s["forced"] = False
+            if s["verdict"] is None and force:
+                todo.append((i, j, s))
+    if todo:
+        seeds = [(seed + i) * 7919 + j for i, j, _ in todo] if force == "sample" else None
+        forced = force_verdicts(model, tok, [prompts[i] for i, _, _ in todo], [s["tokens"] for _, _, s in todo],
+                                batch_size=prompt_batch, sample_seeds=seeds)
+        for (_, _, s), v in zip(todo, forced):
+            s["verdict"], s["forced"] = v, True
+    for r in res:
+        for s in r:
+            del s["tokens"]
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# STaR steps
+
+def split_pairs(pairs, k, seed):
+    """K disjoint parts covering the data, by a seeded permutation (paper A.3)."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    return [[pairs[j] for j in sorted(order[i::k])] for i in range(k)]
+
+
+def sample_rationales(model, tok, pairs, *, n, max_new_tokens, seed, temperature=1.0, top_p=0.95,
+                      force="sample", progress=True):
+    """STaR sampling on one split: a seeded random A/B order per pair, n rationales per pair from
+    the CoT judge prompt (Fig. 6); a missing verdict is forced by sampling the indicator token.
+    Returns sample rows (schema in the module docstring)."""
+    orders = seeded_orders(pairs, seed)
+    res = cot_judge(model, tok, pairs, orders, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, seed=seed, force=force, progress=progress)
+    rows = []
+    for p, o, r in zip(pairs, orders, res):
+        msgs = judge_messages(p, o, "cot")
+        for s in r:
+            rows.append({"id": p.id, "messages": msgs, "label": label(o), "completion": s["completion"],
+                         "verdict": s["verdict"], "forced": s["forced"]})
+    return rows
+
+
+def training_text(row) -> str:
+    """A sample's completion as a training target: forced verdicts are written out."""
+    return with_verdict(row["completion"], row["verdict"]) if row["forced"] else row["completion"]
+
+
+def star_sft_examples(samples):
+    """STaR-SFT filter: keep rationales whose verdict equals the label (Sec. 2.2.1, Eq. 4)."""
+    return [{"id": r["id"], "messages": r["messages"], "completion": training_text(r)}
+            for r in samples if r["verdict"] == r["label"]]
+
+
+def star_dpo_pairs(samples, *, pairs_per_prompt=1, seed=0):
+    """STaR-DPO pairing (Eq. 9): for each judge prompt, up to `pairs_per_prompt` (correct,
+    incorrect) rationale pairs, each rationale used at most once, chosen by a seeded shuffle.
+    Samples with no verdict are neither correct nor incorrect and are not used."""
+    groups = {}
+    for r in samples:
+        if r["verdict"] is None:
+            continue
+        key = (r["id"], r["label"], r["messages"][-1]["content"])
+        groups.setdefault(key, ([], []))[r["verdict"] != r["label"]].append(r)
+    rng = random.Random(seed)
+    out = []
+    for (pid, _, _), (good, bad) in groups.items():
+        rng.shuffle(good)
+        rng.shuffle(bad)
+        for w, l in list(zip(good, bad))[:pairs_per_prompt]:
+            out.append({"id": pid, "messages": w["messages"], "chosen": training_text(w), "rejected": training_text(l)})
+    return out
+
+
+def rationalize(model, tok, pairs, orders, *, max_new_tokens, seed, progress=True):
+    """Post-rationalization (Sec. 2.2.2, Fig. 7): the model explains why the correct answer is better;
+    the training example is the CoT judge prompt (Fig. 6) with that rationale and the correct
+    verdict written out (Eq. 8)."""
+    res = cot_judge(model, tok, pairs, orders, n=1, max_new_tokens=max_new_tokens, temperature=1.0,
+                    top_p=0.95, seed=seed, force=None, progress=progress, kind="rationalizer")
+    return [{"id": p.id, "messages": judge_messages(p, o, "cot"),
+             "completion": with_verdict(r[0]["completion"], label(o))}
+            for p, o, r in zip(pairs, orders, res)]
+
+
+def star_report(samples, kept=None, paired=None) -> dict:
+    """Per-iteration counts: sampled, parsed, forced, correct (parsed or forced), kept, paired."""
+    return {"sampled": len(samples),
+            "parsed": sum(r["verdict"] is not None and not r["forced"] for r in samples),
+            "forced": sum(bool(r["forced"]) for r in samples),
+            "correct": sum(r["verdict"] == r["label"] for r in samples),
+            "kept": kept, "paired": paired}
+
+
+def load_rows(path, required):
+    """Read an artefact JSONL, checking each row has the schema's fields (error names file:line)."""
+    rows = []
+    for n, r in read_jsonl(path):
+        for k in required:
+            if k not in r:
+                raise ValueError(f"{path}:{n}: missing field '{k}'")
+        rows.append(r)
+    return rows
+
+
+SCHEMAS = {"samples": ("id", "messages", "label", "completion", "verdict", "forced"),
+           "sft": ("id", "messages", "completion"),
+           "dpo": ("id", "messages", "chosen", "rejected")}
+
+
+def star_driver(run_dir, pairs, *, method, iterations, base_model, train_fn, load_fn, tok, n, max_new_tokens,
+                seed, pairs_per_prompt=1, rationalize_failures=False, ref_from_previous=False, progress=True,
+                log=print):
+    """The STaR loop (paper 2.2 and A.3). Iteration i:
+      1. sample n rationales per pair of split i from the latest model   -> samples_{i}.jsonl
+      2. STaR-SFT: keep correct ones (+ rationalize failures on request) -> sft_{i}.jsonl
+         STaR-DPO: pair correct with incorrect rationales (Eq. 9)         -> dpo_{i}.jsonl
+      3. train the latest model on them (train_fn)                       -> iter_{i}/model/
+    Each stage is skipped when its artefact exists, so a killed run resumes where it stopped.
+    `load_fn(path)` loads a model; `train_fn(model_path, rows, ref_path, out_dir)` trains from
+    `model_path` and writes the trained model to out_dir/model. Returns the final model path and
+    the per-iteration reports."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    splits = split_pairs(pairs, iterations, seed)
+    latest, reports = str(base_model), []
+    for i, part in enumerate(splits):
+        it_dir = run_dir / f"iter_{i}"
+        done = it_dir / "model" / "config.json"
+        samples_f = run_dir / f"samples_{i}.jsonl"
+        train_f = run_dir / (f"sft_{i}.jsonl" if method == "star_sft" else f"dpo_{i}.jsonl")
+        if not samples_f.exists() and not done.exists():
+            model = load_fn(latest)
+            rows = sample_rationales(model, tok, part, n=n, max_new_tokens=max_new_tokens, seed=seed * 1000 + i,
+                                     progress=progress)
+            write_jsonl(samples_f, rows)
+            del model
+        samples = load_rows(samples_f, SCHEMAS["samples"]) if samples_f.exists() else []
+        if not train_f.exists() and not done.exists():
+            if method == "star_sft":
+                rows = star_sft_examples(samples)
+                if rationalize_failures:
+                    right = {r["id"] for r in samples if r["verdict"] == r["label"]}
+                    order = {r["id"]: r["label"] == "A" for r in samples}  # the order it was judged in
+                    wrong = [(p, order[p.id]) for p in part if p.id in order and p.id not in right]
+                    if wrong:
+                        model = load_fn(latest)
+                        rows += rationalize(model, tok, [p for p, _ in wrong], [o for _, o in wrong],
+                                            max_new_tokens=max_new_tokens, seed=seed * 1000 + i, progress=progress)
+                        del model
+            else:
+                rows = star_dpo_pairs(samples, pairs_per_prompt=pairs_per_prompt, seed=seed + i)
+            write_jsonl(train_f, rows)
+        rows = load_rows(train_f, SCHEMAS["sft" if method == "star_sft" else "dpo"]) if train_f.exists() else []
+        rep = star_report(samples, kept=len(rows) if method == "star_sft" else None,
+                          paired=len(rows) if method == "star_dpo" else None)
+        rep["iteration"] = i
+        reports.append(rep)
+        log(f"STaR iteration {i}: " + ", ".join(f"{k} {v}" for k, v in rep.items() if v is not None and k != "iteration"))
+        if not done.exists():
+            if not rows:
+                log(f"STaR iteration {i}: nothing to train on; the model is carried over unchanged")
+                load_fn(latest).save_pretrained(it_dir / "model")
+            else:
+                ref = latest if ref_from_previous else str(base_model)
+                train_fn(latest, rows, ref, it_dir)
+        latest = str(it_dir / "model")
+    (run_dir / "star_report.json").write_text(json.dumps(reports, indent=2))
+    return latest, reports

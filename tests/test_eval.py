@@ -1,0 +1,92 @@
+"""eval.py on planted judgements against hand-computed values; Best-of-N; batch-size invariance."""
+import json
+
+import pytest
+import torch
+
+import eval as E
+from conftest import CharTok, tiny_model
+from data import Pair
+
+
+def P(i, cat, chosen="cc", rejected="r"):
+    return Pair(str(i), "q", chosen, rejected, category=cat)
+
+
+def votes(*vs):
+    return {"votes": [[v, False] for v in vs]}
+
+
+def test_always_a_judge_scores_half_with_both_orders():
+    pairs = [P(i, "chat") for i in range(6)]
+    recs = [{"id": p.id, "category": p.category, "order": {"A": votes("A"), "B": votes("A")}} for p in pairs]
+    s = E.summarize(pairs, recs)
+    assert s["per_category"]["all"]["maj@N"] == 0.5
+    assert s["position"] == {"acc_chosen_as_A": 1.0, "acc_chosen_as_B": 0.0, "swap_consistency": 0.0}
+
+
+def test_planted_accuracy_sections_and_swap_consistency():
+    pairs = [P(0, "chat"), P(1, "chat", chosen="c", rejected="rrr"), P(2, "safety"), P("gsm8k-1", "reasoning"),
+             P("hep-1", "reasoning"), P("hep-2", "reasoning")]
+    recs = [
+        {"order": {"A": votes("A", "B", "A"), "B": votes("B", "B", "A")}},   # right, right: maj 1, consistent
+        {"order": {"A": votes("B", "B", "A"), "B": votes("A", "A", "A")}},   # wrong, wrong: consistent
+        {"order": {"A": votes("A", "B"), "B": votes("B", None, "B")}},      # maj@1: 1 and 1; A order tied
+        {"order": {"A": votes("A"), "B": votes("A")}},                       # 0.5, inconsistent
+        {"order": {"A": votes(None, None), "B": votes("B")}},               # no verdict, right
+        {"order": {"A": votes("A"), "B": votes("B")}},                       # 1
+    ]
+    for p, r in zip(pairs, recs):
+        r.update(id=p.id, category=p.category)
+    s = E.summarize(pairs, recs)
+    pc = s["per_category"]
+    assert pc["chat"]["maj@N"] == 0.5 and pc["chat"]["maj@1"] == 0.5 and pc["chat"]["longer"] == 0.5
+    assert pc["safety"]["maj@N"] == 0.5 and pc["safety"]["maj@1"] == 1.0
+    # reasoning = mean(math, code) as in RewardBench: math 0.5, code mean(0.5, 1.0) = 0.75
+    assert pc["reasoning/math"]["maj@N"] == 0.5 and pc["reasoning/code"]["maj@N"] == 0.75
+    assert pc["reasoning"]["maj@N"] == pytest.approx(0.625)
+    assert s["sections"]["maj@N"] == pytest.approx((0.5 + 0.5 + 0.625) / 3)
+    assert s["sections"]["present"] == ["chat", "safety", "reasoning"]
+    # swap consistency over pairs with a verdict in both orders: pairs 0, 1, 3, 5 -> 1, 1, 0, 1
+    assert s["position"]["swap_consistency"] == pytest.approx(0.75)
+    assert s["tie_rate"] == pytest.approx(1 / 12)         # pair 2, order A: 1-1
+    assert s["no_verdict_rate"] == pytest.approx(1 / 12)  # pair 4, order A: no vote at all
+    assert s["parse_failure_rate"] == pytest.approx(3 / 24)  # 3 of 24 votes have no verdict
+    assert s["per_category"]["all"]["maj@N"] == pytest.approx((1 + 0 + 0.5 + 0.5 + 0.5 + 1) / 6)
+
+
+def test_bt_accuracy_from_rewards():
+    pairs = [P(i, "chat") for i in range(4)]
+    recs = [{"id": str(i), "category": "chat", "margin": m} for i, m in enumerate([0.3, -0.1, 2.0, 0.0])]
+    s = E.summarize(pairs, recs)
+    assert s["per_category"]["all"]["maj@N"] == 0.5 and "position" not in s
+
+
+def test_best_of_n_on_planted_file(tmp_path):
+    rows = [{"prompt": "a", "reference_output": "r", "candidates": [{"output": "x", "judge_pref": s} for s in (0.1, 0.9, 0.5)]},
+            {"prompt": "b", "reference_output": "r", "candidates": [{"output": "x", "judge_pref": s} for s in (0.2, 0.4)]}]
+    f = tmp_path / "bon.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    rows = E.load_candidates(f)
+    picks = E.best_of_n_picks([[0.0, 1.0, 3.0], [2.0, 2.0]])
+    assert picks == [2, 0]  # argmax, first on ties
+    rep = E.best_of_n_report(rows, picks)
+    assert rep["picked"] == pytest.approx((0.5 + 0.2) / 2)
+    assert rep["random"] == pytest.approx((0.5 + 0.3) / 2) and rep["oracle"] == pytest.approx((0.9 + 0.4) / 2)
+    f.write_text(json.dumps({"prompt": "a", "candidates": []}))
+    with pytest.raises(ValueError, match=r"bon\.jsonl:1: missing field 'reference_output'"):
+        E.load_candidates(f)
+
+
+def test_judgements_do_not_depend_on_batch_size():
+    m, tok = tiny_model(seed=1), CharTok()
+    pairs = [Pair(str(i), f"question {i}" * (1 + i % 3), f"answer {i}", f"other {i}!") for i in range(5)]
+    for judge, kw in (("genrm", {}), ("cot", dict(samples=2, max_new_tokens=5))):
+        a = E.judge_pairs(m, tok, pairs, judge, both_orders=True, batch_size=1, progress=False, **kw)
+        b = E.judge_pairs(m, tok, pairs, judge, both_orders=True, batch_size=4, progress=False, **kw)
+        if judge == "genrm":
+            for x, y in zip(a, b):
+                for k in ("A", "B"):
+                    assert abs(x["order"][k]["p"] - y["order"][k]["p"]) < 1e-5
+        else:
+            assert a == b

@@ -1,0 +1,292 @@
+"""model.py against an independent naive Llama, HF/Meta golden outputs, the KV cache, checkpoints."""
+import json
+import math
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model as M
+from conftest import SHARED, need_shared, tiny_config, tiny_model
+
+
+# ---------------------------------------------------------------- a naive Llama, written here
+def naive_inv_freq(cfg):
+    d = cfg.head_dim
+    out = []
+    for i in range(0, d, 2):
+        f = 1.0 / (cfg.rope_theta ** (i / d))
+        s = cfg.rope_scaling
+        if s:
+            wl = 2 * math.pi / f
+            lo_wl = s["original_max_position_embeddings"] / s["low_freq_factor"]
+            hi_wl = s["original_max_position_embeddings"] / s["high_freq_factor"]
+            if wl > lo_wl:
+                f = f / s["factor"]
+            elif wl >= hi_wl:
+                sm = (s["original_max_position_embeddings"] / wl - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+                f = (1 - sm) * f / s["factor"] + sm * f
+        out.append(f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def naive_forward(m, ids, offset=0):
+    """Explicit per-head attention with explicit rotation of each (i, i + d/2) pair, float64."""
+    cfg = m.config
+    sd = {k: v.double() for k, v in m.state_dict().items()}
+    T = len(ids)
+    inv = naive_inv_freq(cfg)
+    hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+
+    def norm(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+
+    def rope(v, p):  # v [hd]
+        out = v.clone()
+        for i in range(hd // 2):
+            a = (p + offset) * inv[i]
+            x1, x2 = v[i], v[i + hd // 2]
+            out[i] = x1 * math.cos(a) - x2 * math.sin(a)
+            out[i + hd // 2] = x2 * math.cos(a) + x1 * math.sin(a)
+        return out
+
+    x = sd["model.embed_tokens.weight"][ids]
+    for L in range(cfg.num_hidden_layers):
+        g = lambda n: sd[f"model.layers.{L}.{n}.weight"]  # noqa: E731
+        h = norm(x, g("input_layernorm"))
+        q = (h @ g("self_attn.q_proj").T).view(T, nh, hd)
+        k = (h @ g("self_attn.k_proj").T).view(T, nkv, hd)
+        v = (h @ g("self_attn.v_proj").T).view(T, nkv, hd)
+        att = torch.zeros(T, nh, hd, dtype=torch.float64)
+        for head in range(nh):
+            kv = head // (nh // nkv)
+            qs = torch.stack([rope(q[t, head], t) for t in range(T)])
+            ks = torch.stack([rope(k[t, kv], t) for t in range(T)])
+            for t in range(T):
+                sc = (qs[t] @ ks[:t + 1].T) / math.sqrt(hd)
+                att[t, head] = torch.softmax(sc, -1) @ v[:t + 1, kv]
+        x = x + att.reshape(T, nh * hd) @ g("self_attn.o_proj").T
+        h = norm(x, g("post_attention_layernorm"))
+        gate = h @ g("mlp.gate_proj").T
+        x = x + (gate * torch.sigmoid(gate) * (h @ g("mlp.up_proj").T)) @ g("mlp.down_proj").T
+    x = norm(x, sd["model.norm.weight"])
+    return x @ sd["lm_head.weight"].T
+
+
+def test_matches_naive_implementation():
+    m = tiny_model()
+    ids = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(1))
+    ref = naive_forward(m, ids.tolist())
+    with torch.no_grad():
+        got = m(ids[None])[0]
+    assert torch.allclose(got.double(), ref, atol=1e-4), (got.double() - ref).abs().max()
+    with torch.no_grad():  # at a large position offset (llama3 scaling matters there)
+        got = m(ids[None], pos=torch.arange(1000, 1012)[None])[0]
+    ref = naive_forward(m, ids.tolist(), offset=1000)
+    assert torch.allclose(got.double(), ref, atol=1e-4)
+
+
+def test_rope_inv_freq_matches_meta_llama31_8b():
+    g = torch.load(need_shared("golden", "llama31_8b_rope_inv_freq.pt"))
+    cfg = tiny_config(head_dim=g["head_dim"], rope_theta=g["rope_theta"],
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    got = M.rope_inv_freq(cfg)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, g["inv_freq"].float(), rtol=1e-6, atol=0)
+    assert torch.allclose(got.double(), naive_inv_freq(cfg), rtol=1e-6)
+
+
+def test_tiny_llama31_golden_logits():
+    d = need_shared("golden", "tiny-llama31")
+    g = torch.load(d / "golden.pt")
+    m = M.Llama.from_pretrained(d).eval()
+    assert torch.allclose(m.inv_freq, g["rope_inv_freq"].float(), rtol=1e-6)
+    ids = g["input_ids"]
+    with torch.no_grad():
+        assert (m(ids) - g["logits"]).abs().max() < 1e-4
+        T = ids.shape[1]
+        pos = (torch.arange(T) + g["position_offset"])[None].expand_as(ids)
+        assert (m(ids, pos=pos) - g["logits_at_offset"]).abs().max() < 1e-4
+
+
+def test_tiny_llama31_golden_greedy():
+    from sample import generate
+    d = need_shared("golden", "tiny-llama31")
+    g = torch.load(d / "golden.pt")
+    m = M.Llama.from_pretrained(d).eval()
+    want = g["greedy_from_first8"]  # HF greedy continuation of row 0's first 8 tokens
+    out = generate(m, [g["input_ids"][0, :8].tolist()], max_new_tokens=len(want), temperature=0, progress=False)
+    assert out[0][0].tokens == want
+
+
+def test_smollm2_matches_hf_golden(smollm):
+    g = json.loads(need_shared("golden", "smollm2_135m_instruct_golden.json").read_text())
+    from sample import generate
+    for r in g["records"]:
+        with torch.no_grad():
+            lg = smollm(torch.tensor([r["input_ids"]]))[0]
+        top = lg[-1].topk(20)
+        assert top.indices.tolist() == r["last_top20_ids"]
+        assert torch.allclose(top.values, torch.tensor(r["last_top20_logits"]), atol=1e-3)
+        assert torch.allclose(lg.logsumexp(-1), torch.tensor(r["logsumexp_per_position"]), atol=1e-3)
+    out = generate(smollm, [r["input_ids"] for r in g["records"]], max_new_tokens=24, temperature=0,
+                   stop_ids=[2], progress=False)
+    for o, r in zip(out, g["records"]):
+        assert o[0].tokens == r["greedy_24_ids"]
+
+
+def test_kv_cache_prefill_and_decode_equal_full_forward():
+    m = tiny_model(seed=3)
+    ids = torch.randint(0, 300, (2, 14), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = m(ids)
+        m.setup_cache(2, 32)
+        pos = torch.arange(8)[None].expand(2, 8)
+        parts = [m(ids[:, :8], pos=pos)]
+        for t in range(8, 14):
+            parts.append(m(ids[:, t:t + 1], pos=torch.full((2, 1), t)))
+        m.clear_cache()
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+
+
+def test_padding_does_not_change_logits():
+    """Left and right padding with a validity mask give the unpadded logits."""
+    m = tiny_model(seed=4)
+    a = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = m(a[None])[0]
+        left = torch.cat([torch.zeros(4, dtype=torch.long), a])[None]
+        vl = torch.cat([torch.zeros(4, dtype=torch.bool), torch.ones(9, dtype=torch.bool)])[None]
+        right = torch.cat([a, torch.zeros(4, dtype=torch.long)])[None]
+        vr = vl.flip(-1)
+        assert (m(left, valid=vl)[0, 4:] - ref).abs().max() < 1e-5
+        assert (m(right, valid=vr)[0, :9] - ref).abs().max() < 1e-5
+
+
+def test_save_load_bitwise_and_hf_layout(tmp_path):
+    m = tiny_model(seed=6)
+    m.save_pretrained(tmp_path / "a")
+    m2 = M.Llama.from_pretrained(tmp_path / "a")
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    # tied weights are written once, under HF's names
+    t = tiny_model(seed=7, tie_word_embeddings=True)
+    t.save_pretrained(tmp_path / "t")
+    keys = set(load_file(str(tmp_path / "t" / "model.safetensors")))
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    t2 = M.Llama.from_pretrained(tmp_path / "t")
+    assert t2.lm_head.weight is t2.model.embed_tokens.weight
+    assert torch.equal(t2.lm_head.weight, t.lm_head.weight)
+    cfg = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_saved_keys_equal_hf_checkpoint_keys(tmp_path):
+    d = need_shared("golden", "tiny-llama31")
+    M.Llama.from_pretrained(d).save_pretrained(tmp_path)
+    mine, hf = load_file(str(tmp_path / "model.safetensors")), load_file(str(d / "model.safetensors"))
+    assert set(mine) == set(hf)
+    assert all(mine[k].shape == hf[k].shape and torch.equal(mine[k], hf[k]) for k in hf)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    m = tiny_model(seed=8)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    keys = sorted(sd)
+    half = len(keys) // 2
+    save_file({k: sd[k] for k in keys[:half]}, str(tmp_path / "s1.safetensors"))
+    save_file({k: sd[k] for k in keys[half:]}, str(tmp_path / "s2.safetensors"))
+    wm = {k: ("s1.safetensors" if i < half else "s2.safetensors") for i, k in enumerate(keys)}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    (tmp_path / "config.json").write_text(json.dumps(m.config.to_hf()))
+    m2 = M.Llama.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+
+
+def _bad_ckpt(tmp_path, mutate):
+    m = tiny_model(seed=9)
+    m.save_pretrained(tmp_path)
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    mutate(sd)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+
+
+def test_bad_checkpoints_raise_named_errors(tmp_path):
+    _bad_ckpt(tmp_path / "a", lambda sd: sd.__setitem__("model.norm.weight", torch.ones(3)))
+    with pytest.raises(ValueError, match=r"model\.norm\.weight.*shape \(3,\).*\(64,\)"):
+        M.Llama.from_pretrained(tmp_path / "a")
+    _bad_ckpt(tmp_path / "b", lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        M.Llama.from_pretrained(tmp_path / "b")
+    _bad_ckpt(tmp_path / "c", lambda sd: sd.__setitem__("extra.weight", torch.ones(2)))
+    with pytest.raises(ValueError, match=r"unexpected tensor.*extra\.weight"):
+        M.Llama.from_pretrained(tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        M.Llama.from_pretrained(tmp_path / "nope")
+
+
+def test_bad_configs_raise_named_errors():
+    good = tiny_config().to_hf()
+    bad = dict(good)
+    del bad["vocab_size"]
+    with pytest.raises(ValueError, match="missing field 'vocab_size'"):
+        M.LlamaConfig.from_hf(bad, "x/config.json")
+    bad = dict(good, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match=r"rope_scaling\.rope_type.*'yarn'"):
+        M.LlamaConfig.from_hf(bad)
+    bad = dict(good, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ValueError, match=r"missing field 'rope_scaling\.low_freq_factor'"):
+        M.LlamaConfig.from_hf(bad)
+    # transformers 5 writes rope_parameters (with rope_theta inside)
+    hf5 = {k: v for k, v in good.items() if k not in ("rope_scaling", "rope_theta")}
+    hf5["rope_parameters"] = dict(good["rope_scaling"], rope_theta=123.0)
+    c = M.LlamaConfig.from_hf(hf5)
+    assert c.rope_theta == 123.0 and c.rope_scaling == good["rope_scaling"]
+
+
+def _gguf(tmp_path, tensors, meta=()):
+    """Write a minimal GGUF v3 file with F32 tensors."""
+    def s(x):
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta))
+    for k, v in meta:
+        head += s(k) + struct.pack("<I", 4) + struct.pack("<I", v)
+    off, blobs = 0, b""
+    for name, arr in tensors:
+        head += s(name) + struct.pack("<I", arr.dim()) + b"".join(struct.pack("<Q", d) for d in reversed(arr.shape))
+        head += struct.pack("<IQ", 0, off)
+        blobs += arr.numpy().astype("<f4").tobytes()
+        off += arr.numel() * 4
+    head += b"\0" * ((-len(head)) % 32)
+    p = tmp_path / "t.gguf"
+    p.write_bytes(head + blobs)
+    return p
+
+
+def test_gguf_reader_roundtrip_and_truncation(tmp_path):
+    a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    p = _gguf(tmp_path, [("w", a)], meta=[("x.count", 7)])
+    meta, t = M.read_gguf(p)
+    assert meta["x.count"] == 7 and torch.equal(t["w"], a)
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated GGUF"):
+        M.read_gguf(p)
+    p.write_bytes(b"GGML" + b"\0" * 40)
+    with pytest.raises(ValueError, match="not a GGUF"):
+        M.read_gguf(p)
+
+
+def test_q4_1_and_q8_0_dequantization():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    d, m = np.float16(0.5), np.float16(-1.25)
+    q = rng.integers(0, 16, 32)
+    blk = np.concatenate([np.frombuffer(d.tobytes() + m.tobytes(), np.uint8),
+                          (q[:16] | (q[16:] << 4)).astype(np.uint8)])
+    assert np.allclose(M._dequantize("Q4_1", blk, 32), 0.5 * q - 1.25)
+    q8 = rng.integers(-128, 128, 32).astype(np.int8)
+    blk = np.concatenate([np.frombuffer(np.float16(0.25).tobytes(), np.uint8), q8.view(np.uint8)])
+    assert np.allclose(M._dequantize("Q8_0", blk, 32), 0.25 * q8)
