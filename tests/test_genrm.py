@@ -163,8 +163,11 @@ def test_star_driver_artefacts_and_resume(tmp_path, monkeypatch):
     assert calls["sample"] == 2 and [c[0] for c in calls["train"]] == [0]
     final, reps = genrm.star_driver(run, pairs, train_fn=train_fn, **kw)
     assert calls["sample"] == 3  # iteration 0 and 1 samples were not redone
-    assert [c[0] for c in calls["train"]] == [0, 1, 2]
-    assert calls["train"][1][1] == str(run / "iter_0" / "model")  # trains the latest model
+    trained = [i for i in range(3) if reps[i]["paired"]]  # an iteration with no pairs carries the model over
+    assert [c[0] for c in calls["train"]] == trained and trained[0] == 0
+    assert all((run / f"iter_{i}" / "model" / "config.json").exists() for i in range(3))
+    for i, src, _, n in calls["train"]:  # each iteration trains the latest model
+        assert src == (str(base) if i == 0 else str(run / f"iter_{i - 1}" / "model")) and n == reps[i]["paired"]
     assert all(c[2] == str(base) for c in calls["train"])          # reference = base model
     assert final == str(run / "iter_2" / "model")
     seen = []

@@ -150,7 +150,7 @@ def test_dpo_starts_at_log2_and_reference_cache_is_reused(tmp_path, monkeypatch)
     T.add_reference_logps(base, ex, tok.pad_id, tmp_path / "ref.pt", 2, torch.float32, "cpu", progress=False)
     step = T.make_step_dpo(0.1, 0.0, "sigmoid")
     s, _ = step(Llama.from_pretrained(base), ex, tok.pad_id)
-    assert math.isclose(float(s) / 4, math.log(2), rel_tol=1e-5)
+    assert math.isclose(float(s.detach()) / 4, math.log(2), rel_tol=1e-5)
     loads = []
     orig = Llama.from_pretrained.__func__
     monkeypatch.setattr(Llama, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or orig(cls, *a, **k)))
