@@ -99,7 +99,7 @@ def bench_sample(a):
 def logprobs_case(kind, N, H, V, dtype, device, repeats, chunk):
     """Runs in a fresh subprocess: time of fwd+bwd, and memory. CPU: peak RSS, and the working
     memory above what inputs and gradients themselves hold. CUDA: max_memory_allocated."""
-    from model import fused_logprobs
+    from model import fused_logprob_sum, fused_logprobs
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     h = torch.randn(N, H, device=device, dtype=dt).requires_grad_()
@@ -110,11 +110,12 @@ def logprobs_case(kind, N, H, V, dtype, device, repeats, chunk):
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # GiB (ru_maxrss is KiB)
 
     def run():
-        if kind == "fused":
-            lp = fused_logprobs(h, w, t, chunk=chunk)
+        if kind == "fused":       # per-token output, recompute in backward (every objective)
+            fused_logprobs(h, w, t, chunk=chunk).sum().backward()
+        elif kind == "fused_sum":  # scalar weighted sum, gradients in forward (SFT, Eq. 7, Eq. 8)
+            fused_logprob_sum(h, w, t, chunk=chunk).backward()
         else:
-            lp = torch.log_softmax((h @ w.T).float(), -1).gather(1, t[:, None]).squeeze(1)
-        lp.sum().backward()
+            torch.log_softmax((h @ w.T).float(), -1).gather(1, t[:, None]).squeeze(1).sum().backward()
         if device == "cuda":
             torch.cuda.synchronize()
     run()  # warm-up
@@ -127,15 +128,17 @@ def logprobs_case(kind, N, H, V, dtype, device, repeats, chunk):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         work = peak - base
     tmin, tmed = timed(run, repeats)
-    return {"kind": kind, "N": N, "H": H, "V": V, "dtype": dtype, "device": device, "peak_gib": peak,
+    work_logits = work - w.numel() * 4 / 2 ** 30  # minus the one transient float32 dW both ways hold
+    return {"work_logits_gib": work_logits, "kind": kind, "N": N, "H": H, "V": V, "dtype": dtype, "device": device, "peak_gib": peak,
             "work_gib": work, "t_min": tmin, "t_median": tmed}
 
 
 def bench_logprobs(a):
     shapes = [(4096, 576, 49152), (4096, 2048, 128256)]
-    cases = [(k, N, H, V, "float32", "cpu") for N, H, V in shapes for k in ("fused", "naive")]
+    kinds = ("fused", "fused_sum", "naive")
+    cases = [(k, N, H, V, "float32", "cpu") for N, H, V in shapes for k in kinds]
     if a.cuda:
-        cases += [(k, 16384, 4096, 128256, "bfloat16", "cuda") for k in ("fused", "naive")]
+        cases += [(k, 16384, 4096, 128256, "bfloat16", "cuda") for k in kinds]
     rows = []
     for c in cases:
         code = (f"import json, bench, torch; torch.set_num_threads({a.threads}); "
@@ -147,18 +150,20 @@ def bench_logprobs(a):
         row = json.loads(r.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(json.dumps(row))
-    print(f"\nfwd+bwd, chunk={a.chunk} rows, {a.threads} threads, {a.repeats} runs\n")
-    print("| shape (N, H, V) | dtype | fused time min/median s | naive time min/median s | naive/fused time "
-          "| fused peak GiB | naive peak GiB | peak ratio | working-memory ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\nforward + backward, chunk={a.chunk or 'auto'} rows, {a.threads} threads, {a.repeats} runs; "
+          "peak = max RSS (CUDA: max allocated); working = peak minus inputs and preallocated grads; "
+          "logit memory = working minus the one transient dW both ways allocate\n")
+    print("| shape (N, H, V) | dtype | way | time min / median s | naive / this time | peak GiB | naive / this peak "
+          "| working GiB | logit memory GiB | naive / this logit memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     by = {(r["N"], r["H"], r["V"], r["dtype"], r["kind"]): r for r in rows}
-    for (N, H, V, dt, k) in list(by):
-        if k != "fused" or (N, H, V, dt, "naive") not in by:
+    for (N, H, V, dt, k), r in by.items():
+        n = by.get((N, H, V, dt, "naive"))
+        if n is None:
             continue
-        f, n = by[(N, H, V, dt, "fused")], by[(N, H, V, dt, "naive")]
-        print(f"| ({N}, {H}, {V}) | {dt} | {f['t_min']:.2f} / {f['t_median']:.2f} | {n['t_min']:.2f} / "
-              f"{n['t_median']:.2f} | {n['t_min'] / f['t_min']:.2f}x | {f['peak_gib']:.2f} | {n['peak_gib']:.2f} | "
-              f"{n['peak_gib'] / f['peak_gib']:.1f}x | {n['work_gib'] / max(f['work_gib'], 1e-3):.1f}x |")
+        print(f"| ({N}, {H}, {V}) | {dt} | {k} | {r['t_min']:.2f} / {r['t_median']:.2f} | {n['t_min'] / r['t_min']:.2f}x "
+              f"| {r['peak_gib']:.2f} | {n['peak_gib'] / r['peak_gib']:.1f}x | {r['work_gib']:.2f} "
+              f"| {r['work_logits_gib']:.2f} | {n['work_logits_gib'] / max(r['work_logits_gib'], 1e-2):.1f}x |")
 
 
 def main():
@@ -168,7 +173,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--nocache", action="store_true", help="also time the no-cache loop (slow)")
-    ap.add_argument("--chunk", type=int, default=1024, help="fused kernel rows per chunk")
+    ap.add_argument("--chunk", type=int, default=0, help="fused kernel rows per chunk (0: the default, 2**25 // V)")
     ap.add_argument("--cuda", action="store_true", help="add the bf16 CUDA case")
     a = ap.parse_args()
     bench_sample(a) if a.what == "sample" else bench_logprobs(a)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import dist
 import genrm
 from data import LoadStats, load_pairs, load_tokenizer, pad, read_jsonl
 from model import DEFAULT_MODEL, Llama, atomic_write
@@ -47,26 +48,32 @@ def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=False, max_n
         st = LoadStats()
         ex = pair_examples(tok, pairs, 10 ** 9, st)
         dev = model.lm_head.weight.device
-        with torch.no_grad():
-            for s in tqdm(range(0, len(ex), batch_size), desc="bt", disable=not progress, leave=False):
-                b = ex[s:s + batch_size]
+
+        @torch.no_grad()
+        def margins(exs):  # this rank's share (dist.shard_map)
+            out = []
+            for s in tqdm(range(0, len(exs), batch_size), desc="bt", disable=not progress, leave=False):
+                b = exs[s:s + batch_size]
                 idx, valid = pad([e["p"] + e["c"] for e in b] + [e["p"] + e["r"] for e in b], tok.pad_id)
                 r = model.reward(idx.to(dev), valid.to(dev)).cpu()
-                for i in range(len(b)):
-                    recs[s + i]["margin"] = float(r[i] - r[len(b) + i])
+                out += [float(r[i] - r[len(b) + i]) for i in range(len(b))]
+            return out
+        for r, m in zip(recs, dist.shard_map(margins, ex)):
+            r["margin"] = m
         return recs
     for o in orders:
         key = genrm.label(o)
         if judge == "genrm":
             seqs = [tok.apply_chat(genrm.judge_messages(p, o, "genrm")) for p in pairs]
-            pa = genrm.preference_from_logits(genrm.next_token_ab(model, tok, seqs, batch_size))
+            ab = dist.shard_map(lambda s: genrm.next_token_ab(model, tok, s, batch_size).tolist(), seqs)
+            pa = genrm.preference_from_logits(torch.tensor(ab))
             for r, x in zip(recs, pa.tolist()):
                 r["order"][key] = {"p": x if o else 1 - x}
         elif judge == "cot":
             # seeds are per pair (seed + index), identical for both orders' calls and any batch size
-            res = genrm.cot_judge(model, tok, pairs, [o] * len(pairs), n=samples, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, top_p=top_p, seed=seed, prompt_batch=batch_size,
-                                  progress=progress)
+            res = genrm.cot_judge_sharded(model, tok, pairs, [o] * len(pairs), n=samples, max_new_tokens=max_new_tokens,
+                                          temperature=temperature, top_p=top_p, seed=seed, prompt_batch=batch_size,
+                                          progress=progress)
             for r, s in zip(recs, res):
                 r["order"][key] = {"votes": [[x["verdict"], x["forced"]] for x in s]}
         else:
@@ -225,6 +232,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if not a.data and not a.best_of_n:
         ap.error("give --data FILE... and/or --best-of-n FILE")
+    dist.init()  # under torchrun, judgements are spread over the ranks; rank 0 writes
     out = Path(a.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import dist
 from data import Pair, Tokenizer, pad, read_jsonl, write_jsonl
 from model import Llama
 from sample import generate
@@ -187,11 +188,12 @@ def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temper
     """Sample n judge rationales per (pair, order) from one prefill each and read the verdicts.
     Returns, per pair, a list of n dicts {completion, verdict, forced} where `forced` marks a
     verdict obtained by force_verdicts when no [[A]]/[[B]] was written (force: "argmax",
-    "sample" or None for no forcing). Seeds are per pair (seed + pair index in this call), so
-    batch size does not change results."""
+    "sample" or None for no forcing). Seeds are per pair (an int: seed + pair index in this
+    call; or a list), so batch size does not change results."""
+    seeds = [seed + i for i in range(len(pairs))] if isinstance(seed, int) else list(seed)
     prompts = [tok.apply_chat(judge_messages(p, o, kind)) for p, o in zip(pairs, a_is_chosen)]
     outs = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, stop_ids=tok.stop_ids, seed=seed, prompt_batch=prompt_batch, progress=progress)
+                    top_p=top_p, stop_ids=tok.stop_ids, seed=seeds, prompt_batch=prompt_batch, progress=progress)
     res = [[{"completion": tok.decode(c.tokens), "tokens": c.tokens} for c in o] for o in outs]
     todo = []
     for i, r in enumerate(res):
@@ -201,15 +203,23 @@ def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temper
             if s["verdict"] is None and force:
                 todo.append((i, j, s))
     if todo:
-        seeds = [(seed + i) * 7919 + j for i, j, _ in todo] if force == "sample" else None
+        fseeds = [seeds[i] * 7919 + j for i, j, _ in todo] if force == "sample" else None
         forced = force_verdicts(model, tok, [prompts[i] for i, _, _ in todo], [s["tokens"] for _, _, s in todo],
-                                batch_size=prompt_batch, sample_seeds=seeds)
+                                batch_size=prompt_batch, sample_seeds=fseeds)
         for (_, _, s), v in zip(todo, forced):
             s["verdict"], s["forced"] = v, True
     for r in res:
         for s in r:
             del s["tokens"]
     return res
+
+
+def cot_judge_sharded(model, tok, pairs, a_is_chosen, *, seed=0, **kw):
+    """cot_judge with the pairs spread over the ranks of a torchrun job (dist.shard_map), each pair
+    keeping its seed (seed + its index here), so any world size gives the same judgements."""
+    items = list(zip(pairs, a_is_chosen, range(seed, seed + len(pairs))))
+    return dist.shard_map(lambda it: cot_judge(model, tok, [x[0] for x in it], [x[1] for x in it],
+                                               seed=[x[2] for x in it], **kw), items)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,8 +238,8 @@ def sample_rationales(model, tok, pairs, *, n, max_new_tokens, seed, temperature
     the CoT judge prompt (Fig. 6); a missing verdict is forced by sampling the indicator token.
     Returns sample rows (schema in the module docstring)."""
     orders = seeded_orders(pairs, seed)
-    res = cot_judge(model, tok, pairs, orders, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed, force=force, progress=progress)
+    res = cot_judge_sharded(model, tok, pairs, orders, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, seed=seed, force=force, progress=progress)
     rows = []
     for p, o, r in zip(pairs, orders, res):
         msgs = judge_messages(p, o, "cot")
@@ -274,8 +284,8 @@ def rationalize(model, tok, pairs, orders, *, max_new_tokens, seed, progress=Tru
     """Post-rationalization (Sec. 2.2.2, Fig. 7): the model explains why the correct answer is better;
     the training example is the CoT judge prompt (Fig. 6) with that rationale and the correct
     verdict written out (Eq. 8)."""
-    res = cot_judge(model, tok, pairs, orders, n=1, max_new_tokens=max_new_tokens, temperature=1.0,
-                    top_p=0.95, seed=seed, force=None, progress=progress, kind="rationalizer")
+    res = cot_judge_sharded(model, tok, pairs, orders, n=1, max_new_tokens=max_new_tokens, temperature=1.0,
+                            top_p=0.95, seed=seed, force=None, progress=progress, kind="rationalizer")
     return [{"id": p.id, "messages": judge_messages(p, o, "cot"),
              "completion": with_verdict(r[0]["completion"], label(o))}
             for p, o, r in zip(pairs, orders, res)]
@@ -319,7 +329,6 @@ def star_driver(run_dir, pairs, *, method, iterations, base_model, train_fn, loa
     `model_path` and writes the trained model to out_dir/model. Returns the final model path and
     the per-iteration reports."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     splits = split_pairs(pairs, iterations, seed)
     latest, reports = str(base_model), []
     for i, part in enumerate(splits):
@@ -331,7 +340,9 @@ def star_driver(run_dir, pairs, *, method, iterations, base_model, train_fn, loa
             model = load_fn(latest)
             rows = sample_rationales(model, tok, part, n=n, max_new_tokens=max_new_tokens, seed=seed * 1000 + i,
                                      progress=progress)
-            write_jsonl(samples_f, rows)
+            if dist.rank() == 0:
+                write_jsonl(samples_f, rows)
+            dist.barrier()
             del model
         samples = load_rows(samples_f, SCHEMAS["samples"]) if samples_f.exists() else []
         if not train_f.exists() and not done.exists():
@@ -348,7 +359,9 @@ def star_driver(run_dir, pairs, *, method, iterations, base_model, train_fn, loa
                         del model
             else:
                 rows = star_dpo_pairs(samples, pairs_per_prompt=pairs_per_prompt, seed=seed + i)
-            write_jsonl(train_f, rows)
+            if dist.rank() == 0:
+                write_jsonl(train_f, rows)
+            dist.barrier()
         rows = load_rows(train_f, SCHEMAS["sft" if method == "star_sft" else "dpo"]) if train_f.exists() else []
         rep = star_report(samples, kept=len(rows) if method == "star_sft" else None,
                           paired=len(rows) if method == "star_dpo" else None)
@@ -358,10 +371,13 @@ def star_driver(run_dir, pairs, *, method, iterations, base_model, train_fn, loa
         if not done.exists():
             if not rows:
                 log(f"STaR iteration {i}: nothing to train on; the model is carried over unchanged")
-                load_fn(latest).save_pretrained(it_dir / "model")
+                if dist.rank() == 0:
+                    load_fn(latest).save_pretrained(it_dir / "model")
+                dist.barrier()
             else:
                 ref = latest if ref_from_previous else str(base_model)
                 train_fn(latest, rows, ref, it_dir)
         latest = str(it_dir / "model")
-    (run_dir / "star_report.json").write_text(json.dumps(reports, indent=2))
+    if dist.rank() == 0:
+        (run_dir / "star_report.json").write_text(json.dumps(reports, indent=2))
     return latest, reports

@@ -321,11 +321,12 @@ class Llama(nn.Module):
             model.score.weight.data = (torch.randn(1, cfg.hidden_size, generator=g) / cfg.hidden_size ** 0.5).to(device)
         return model.to(dtype)
 
-    def save_pretrained(self, path):
-        """Write config.json + model.safetensors (tied weights once, as HF does), atomically."""
+    def save_pretrained(self, path, state_dict=None):
+        """Write config.json + model.safetensors (tied weights once, as HF does), atomically.
+        `state_dict`: a full state dict to write instead of this module's (FSDP, see dist.py)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().contiguous().cpu() for k, v in (state_dict or self.state_dict()).items()}
         if self.config.tie_word_embeddings:
             sd.pop("lm_head.weight", None)
         atomic_write(path / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
@@ -371,32 +372,38 @@ class FusedLogprobs(torch.autograd.Function):
 
     Forward: for each chunk of rows, logits = h_c @ W.T / T in float32, keep only the target logit
     and the logsumexp (N floats each). Backward: recompute each chunk's logits from the saved
-    hidden/weight and lse, then dlogits = g * (onehot - softmax) / T, dh_c = dlogits @ W and
-    dW += dlogits.T @ h_c. We recompute rather than compute gradients during forward (Liger's
-    choice) because our output is per-token [N], not a reduced scalar: the upstream gradient of
-    every row is unknown in forward, so dW could not be accumulated there without keeping
-    per-row terms as large as the logits. Recompute costs one extra chunk matmul (4 instead of 3),
-    and peak memory is one chunk of logits plus dW.
+    hidden/weight and lse, turn them in place into dlogits = g * (onehot - softmax) / T, then
+    dh_c = dlogits @ W and dW += dlogits.T @ h_c. We recompute rather than compute gradients during
+    forward (Liger's choice) because our output is per-token [N], not a reduced scalar: the
+    upstream gradient of every row is unknown in forward, so dW could not be accumulated there
+    without keeping per-row terms as large as the logits. Recompute costs one extra matmul (4
+    instead of 3); working memory is one chunk of logits (plus the float32 copy of a bf16 W).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk):
+    def forward(ctx, hidden, weight, targets, temperature, chunk, want_entropy):
         N = hidden.shape[0]
         acc = _acc_dtype(hidden)
         w = weight.to(acc)
         out = torch.zeros(N, dtype=acc, device=hidden.device)
         lse = torch.zeros(N, dtype=acc, device=hidden.device)
-        ent = torch.zeros(N, dtype=acc, device=hidden.device)
+        ent = torch.zeros(N if want_entropy else 0, dtype=acc, device=hidden.device)
+        buf = torch.empty(min(chunk, N), w.shape[0], dtype=acc, device=hidden.device)  # reused
         for s in range(0, N, chunk):
-            h = hidden[s:s + chunk].to(acc)
-            logits = (h @ w.T) / temperature                                     # [c, V] float32
-            l = torch.logsumexp(logits, dim=-1)
             t = targets[s:s + chunk]
+            logits = torch.mm(hidden[s:s + chunk].to(acc), w.T, out=buf[:len(t)])  # [c, V]
+            if temperature != 1.0:
+                logits.div_(temperature)
             tl = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-            p = torch.exp(logits - l[:, None])
-            ent[s:s + chunk] = l - (p * logits).sum(-1)
-            keep = t != IGNORE_INDEX
-            out[s:s + chunk] = torch.where(keep, tl - l, 0.0)
+            m = logits.amax(-1, keepdim=True)
+            if want_entropy:  # H = lse - sum(p * logit)
+                e = (logits - m).exp_()
+                z = e.sum(-1)
+                ent[s:s + chunk] = m.squeeze(1) + z.log() - e.mul_(logits).sum(-1) / z
+            else:
+                z = logits.sub_(m).exp_().sum(-1)                                  # in place
+            l = m.squeeze(1) + z.log()
+            out[s:s + chunk] = torch.where(t != IGNORE_INDEX, tl - l, 0.0)
             lse[s:s + chunk] = l
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
@@ -411,38 +418,91 @@ class FusedLogprobs(torch.autograd.Function):
         w = weight.to(acc)
         dh = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         dw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        buf = torch.empty(min(chunk, hidden.shape[0]), w.shape[0], dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk].to(acc)
             t = targets[s:s + chunk]
-            gc = torch.where(t != IGNORE_INDEX, g[s:s + chunk], 0.0)
-            logits = (h @ w.T) / T
-            dlogits = -torch.exp(logits - lse[s:s + chunk, None])                 # -softmax
-            dlogits.scatter_add_(1, t.clamp(min=0)[:, None], torch.ones_like(dlogits[:, :1]))
-            dlogits *= (gc / T)[:, None]                                         # [c, V]
+            gt = (torch.where(t != IGNORE_INDEX, g[s:s + chunk], 0.0) / T)[:, None]  # [c, 1]
+            d = torch.mm(h, w.T, out=buf[:len(t)])                                # [c, V]
+            if T != 1.0:
+                d.div_(T)
+            d.sub_(lse[s:s + chunk, None]).exp_().mul_(-gt)                      # -g * softmax / T
+            d.scatter_add_(1, t.clamp(min=0)[:, None], gt)                       # + g * onehot / T
             if dh is not None:
-                dh[s:s + chunk] = (dlogits @ w).to(hidden.dtype)
+                dh[s:s + chunk] = (d @ w).to(hidden.dtype)
             if dw is not None:
-                dw.addmm_(dlogits.T, h)
+                dw.addmm_(d.T, h)
         if dw is not None:
             dw = dw.to(weight.dtype)
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
+
+
+class FusedLogprobSum(torch.autograd.Function):
+    """sum_n weights[n] * log softmax(h_n @ W.T / T)[t_n], a scalar, with the gradients computed
+    during forward chunk by chunk (Liger's strategy): the upstream gradient of a scalar is one
+    number, so the per-row weights are known in forward and no logits are recomputed (3 matmuls,
+    as the naive way). For objectives linear in the token log-probs (SFT, GenRM Eq. 7, Eq. 8)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, temperature, chunk):
+        N = hidden.shape[0]
+        acc = _acc_dtype(hidden)
+        w = weight.to(acc)
+        dh = torch.zeros_like(hidden, dtype=acc)
+        dw = torch.zeros_like(w)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        buf = torch.empty(min(chunk, N), w.shape[0], dtype=acc, device=hidden.device)
+        for s in range(0, N, chunk):
+            t = targets[s:s + chunk]
+            h = hidden[s:s + chunk].to(acc)
+            wn = torch.where(t != IGNORE_INDEX, weights[s:s + chunk].to(acc), 0.0)
+            gt = (wn / temperature)[:, None]                                     # [c, 1]
+            d = torch.mm(h, w.T, out=buf[:len(t)])                                # [c, V]
+            if temperature != 1.0:
+                d.div_(temperature)
+            tl = d.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+            lse = torch.logsumexp(d, -1)
+            total += ((tl - lse) * wn).sum()
+            d.sub_(lse[:, None]).exp_().mul_(-gt)                                # -w * softmax / T
+            d.scatter_add_(1, t.clamp(min=0)[:, None], gt)                       # + w * onehot / T
+            dh[s:s + chunk] = d @ w
+            dw.addmm_(d.T, h)
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        return (dh * g).to(ctx.dtypes[0]), (dw * g).to(ctx.dtypes[1]), None, None, None, None
+
+
+def fused_logprob_sum(hidden, weight, targets, weights=None, *, temperature=1.0, chunk=None):
+    """sum_n weights[n] * log pi(targets[n]) (weights default to 1; IGNORE_INDEX rows count 0) as
+    a scalar, gradients computed in forward (see FusedLogprobSum). Same values as
+    (weights * fused_logprobs(...)).sum(), one matmul cheaper in backward."""
+    chunk = chunk or max(1, (1 << 25) // weight.shape[0])
+    if weights is None:
+        weights = torch.ones(hidden.shape[0], device=hidden.device)
+    return FusedLogprobSum.apply(hidden, weight, targets, weights, float(temperature), chunk)
 
 
 def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def fused_logprobs(hidden, weight, targets, *, temperature=1.0, chunk=1024, return_entropy=False):
+def fused_logprobs(hidden, weight, targets, *, temperature=1.0, chunk=None, return_entropy=False):
     """log softmax(hidden @ weight.T / temperature)[targets] as float32 [N] (float64 for float64
-    inputs, whatever the input dtype otherwise), never holding more
-    than `chunk` rows of logits. hidden [N, H], weight [V, H], targets [N] (IGNORE_INDEX -> 0,
-    no gradient). Differentiable in hidden and weight. On CUDA with Triton importable the forward
-    runs as one Triton kernel (online logsumexp over vocab blocks). With return_entropy, also the
-    per-token entropy of the (tempered) distribution, not differentiable."""
+    inputs, whatever the input dtype otherwise), never holding more than `chunk` rows of logits
+    (default: about 128 MiB of them, 2**25 // V rows). hidden [N, H], weight [V, H], targets [N]
+    (IGNORE_INDEX -> 0, no gradient). Differentiable in hidden and weight. On CUDA with Triton
+    importable the forward runs as one Triton kernel (online logsumexp over vocab blocks). With
+    return_entropy, also the per-token entropy of the (tempered) distribution, not differentiable."""
+    chunk = chunk or max(1, (1 << 25) // weight.shape[0])
     if hidden.is_cuda and _triton_ok():
-        out, ent = TritonFusedLogprobs.apply(hidden, weight, targets, float(temperature), chunk)
+        out, ent = TritonFusedLogprobs.apply(hidden, weight, targets, float(temperature), chunk, return_entropy)
     else:
-        out, ent = FusedLogprobs.apply(hidden, weight, targets, float(temperature), chunk)
+        out, ent = FusedLogprobs.apply(hidden, weight, targets, float(temperature), chunk, return_entropy)
     return (out, ent) if return_entropy else out
 
 
@@ -515,7 +575,7 @@ class TritonFusedLogprobs(FusedLogprobs):
     (its matmuls are cuBLAS GEMMs, already the fast path)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk):
+    def forward(ctx, hidden, weight, targets, temperature, chunk, want_entropy):
         out, lse, ent = _triton_forward(hidden, weight, targets, temperature)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
@@ -523,16 +583,27 @@ class TritonFusedLogprobs(FusedLogprobs):
         return out, ent
 
 
+def _completion_rows(model, idx, valid, loss_mask):
+    """Final hidden states of the positions that predict a loss token, and those tokens."""
+    h = model.hidden(idx, valid=valid)[:, :-1]                                   # [B, T-1, H]
+    keep = loss_mask[:, 1:].bool()                                               # [B, T-1]
+    return h[keep], idx[:, 1:][keep], keep                                       # [n, H], [n]
+
+
 def sequence_logprobs(model: Llama, idx, valid, loss_mask, *, temperature=1.0):
     """Per-token log pi(idx[t] | idx[<t]) [B, T] (0 where loss_mask is 0; position 0 is never
     scored) via hidden -> fused_logprobs: the full [B, T, V] logits are never built."""
-    h = model.hidden(idx, valid=valid)[:, :-1]                                   # [B, T-1, H]
-    tgt = torch.where(loss_mask[:, 1:].bool(), idx[:, 1:], IGNORE_INDEX)         # [B, T-1]
-    keep = tgt != IGNORE_INDEX
-    lp = torch.zeros(tgt.shape, dtype=torch.float32, device=idx.device)
-    if keep.any():
-        lp[keep] = fused_logprobs(h[keep], model.lm_head.weight, tgt[keep], temperature=temperature)
+    h, tgt, keep = _completion_rows(model, idx, valid, loss_mask)
+    lp = torch.zeros(keep.shape, dtype=torch.float32, device=idx.device)
+    if len(tgt):
+        lp[keep] = fused_logprobs(h, model.lm_head.weight, tgt, temperature=temperature)
     return F.pad(lp, (1, 0))                                                     # [B, T]
+
+
+def completion_logprob_sum(model: Llama, idx, valid, loss_mask):
+    """Sum of log pi over the loss tokens of the batch (a scalar), via fused_logprob_sum."""
+    h, tgt, _ = _completion_rows(model, idx, valid, loss_mask)
+    return fused_logprob_sum(h, model.lm_head.weight, tgt)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import dist
 import genrm
 from data import LoadStats, Pair, load_pairs, load_tokenizer, prompt_completion_batch, read_jsonl, write_jsonl, pad
-from model import DEFAULT_MODEL, IGNORE_INDEX, Llama, atomic_write, fused_logprobs, sequence_logprobs
+from model import DEFAULT_MODEL, Llama, atomic_write, completion_logprob_sum, fused_logprob_sum, sequence_logprobs
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TRAIN = HERE / "assets" / "data" / "train_small.jsonl"
@@ -131,8 +132,7 @@ def pair_examples(tok, rows, max_len, stats):
 def step_sft(model, batch, pad_id):
     idx, valid, mask = prompt_completion_batch([(e["p"], e["c"]) for e in batch], pad_id)
     dev = model.lm_head.weight.device
-    lp = sequence_logprobs(model, idx.to(dev), valid.to(dev), mask.to(dev))
-    return nll_loss(lp, mask.to(dev))[0], None
+    return -completion_logprob_sum(model, idx.to(dev), valid.to(dev), mask.to(dev)), None
 
 
 def step_genrm(model, batch, pad_id):
@@ -143,11 +143,10 @@ def step_genrm(model, batch, pad_id):
     last = h[torch.arange(len(batch), device=dev), torch.tensor([len(e["p"]) - 1 for e in batch], device=dev)]
     tgt = torch.tensor([e["c"][0] for e in batch], device=dev)
     oth = torch.tensor([e["other"] for e in batch], device=dev)
-    lp = fused_logprobs(last, model.lm_head.weight, tgt)
     with torch.no_grad():
         w = model.lm_head.weight
         correct = ((last * w[tgt]).sum(-1) > (last * w[oth]).sum(-1)).sum()
-    return -lp.sum(), correct
+    return -fused_logprob_sum(last, model.lm_head.weight, tgt), correct
 
 
 def pair_logps(model, batch, pad_id, average=False):
@@ -195,18 +194,22 @@ def add_reference_logps(ref_path, examples, pad_id, cache_file, batch_size, dtyp
                 e["ref"] = v
             return
     ref = Llama.from_pretrained(ref_path, dtype=dtype, device=device).eval()
-    out = []
-    for s in tqdm(range(0, len(examples), batch_size), desc="reference log-probs", disable=not progress, leave=False):
-        b = examples[s:s + batch_size]
-        c, r = pair_logps(ref, b, pad_id)
-        nc = torch.tensor([len(e["c"]) for e in b], dtype=torch.float32)
-        nr = torch.tensor([len(e["r"]) for e in b], dtype=torch.float32)
-        c, r = c.cpu(), r.cpu()
-        out += [{"sum": (float(c[i]), float(r[i])), "avg": (float(c[i] / nc[i]), float(r[i] / nr[i]))} for i in range(len(b))]
+
+    def compute(exs):  # this rank's share of the pairs (dist.shard_map)
+        out = []
+        for s in tqdm(range(0, len(exs), batch_size), desc="reference log-probs", disable=not progress, leave=False):
+            b = exs[s:s + batch_size]
+            c, r = (x.cpu() for x in pair_logps(ref, b, pad_id))
+            out += [{"sum": (float(c[i]), float(r[i])),
+                     "avg": (float(c[i]) / len(e["c"]), float(r[i]) / len(e["r"]))} for i, e in enumerate(b)]
+        return out
+    out = dist.shard_map(compute, examples)
     del ref
     for e, v in zip(examples, out):
         e["ref"] = v
-    atomic_write(cache_file, lambda f: torch.save({"hash": h, "ref": out}, f))
+    if dist.rank() == 0:
+        atomic_write(cache_file, lambda f: torch.save({"hash": h, "ref": out}, f))
+    dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,34 +252,49 @@ def lr_lambda(total, warmup_steps):
 def save_checkpoint(out_dir, model, opt, sched, step):
     """Checkpoint dir ckpt-{step}/ (HF model + optimizer/scheduler/RNG/position), then the `latest`
     pointer is replaced atomically; a crash mid-write leaves the previous checkpoint current."""
-    d = Path(out_dir) / f"ckpt-{step:06d}"
-    tmp = Path(out_dir) / f".ckpt-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                "rng": torch.get_rng_state()}, tmp / "state.pt")
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(tmp, d)
-    atomic_write(Path(out_dir) / "latest", lambda f: Path(f).write_text(d.name))
-    for old in sorted(Path(out_dir).glob("ckpt-*"))[:-2]:  # keep the last two
-        shutil.rmtree(old, ignore_errors=True)
+    sd, ost = dist.full_state_dict(model), dist.optimizer_state(model, opt)  # collective under FSDP
+    if dist.rank() == 0:
+        d = Path(out_dir) / f"ckpt-{step:06d}"
+        tmp = Path(out_dir) / f".ckpt-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=sd)
+        torch.save({"opt": ost, "sched": sched.state_dict(), "step": step, "rng": torch.get_rng_state()},
+                   tmp / "state.pt")
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+        atomic_write(Path(out_dir) / "latest", lambda f: Path(f).write_text(d.name))
+        for old in sorted(Path(out_dir).glob("ckpt-*"))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def save_model(model, path):
+    """The trained model as an HF-format directory, written by rank 0 from the full state dict."""
+    sd = dist.full_state_dict(model)
+    if dist.rank() == 0:
+        model.save_pretrained(path, state_dict=sd)
+    dist.barrier()
 
 
 def accumulate_gradients(model, group, step_fn, pad_id, autocast=None):
     """Backward over the micro-batches of one optimizer step. Every example carries its loss count
     "n" (loss tokens, or 1 per pair), and each micro-batch's loss sum is divided by the whole
-    step's count: the step's loss is a mean over all its tokens/pairs, whatever batch_size and
-    grad_accum are. Returns (loss, accuracy or None)."""
+    step's count: the step's loss is a mean over all its tokens/pairs, whatever batch_size,
+    grad_accum and the number of ranks are. Under torchrun each rank takes every world-th example
+    of each micro-batch; FSDP averages gradients over ranks, so the loss is scaled by the world
+    size to keep the global mean. Returns (loss, accuracy or None)."""
     denom = float(sum(e["n"] for b in group for e in b))
+    W = dist.world()
     tot_loss, tot_c, has_acc = 0.0, 0.0, False
     for batch in group:
         with autocast or torch.autocast("cpu", enabled=False):
-            s, c = step_fn(model, batch, pad_id)
-        (s / denom).backward()
+            s, c = step_fn(model, batch[dist.rank()::W], pad_id)
+        (s * (W / denom)).backward()
         tot_loss += float(s.detach())
         if c is not None:
             tot_c, has_acc = tot_c + float(c), True
-    return tot_loss / denom, (tot_c / sum(len(b) for b in group) if has_acc else None)
+    acc = dist.all_sum(tot_c) / sum(len(b) for b in group) if has_acc else None
+    return dist.all_sum(tot_loss) / denom, acc
 
 
 def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
@@ -285,6 +303,8 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
     Writes metrics.jsonl and checkpoints; returns the list of step metrics."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % dist.world():
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world()} ranks")
     mbs = micro_batches(len(examples), cfg)
     total = math.ceil(len(mbs) / cfg.grad_accum)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -297,9 +317,9 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
     if latest.exists():
         ck = out_dir / latest.read_text().strip()
         state = torch.load(ck / "state.pt", weights_only=False)
-        loaded = Llama.from_pretrained(ck, dtype=next(model.parameters()).dtype, device=model.lm_head.weight.device)
-        model.load_state_dict(loaded.state_dict())
-        opt.load_state_dict(state["opt"])
+        loaded = Llama.from_pretrained(ck, dtype=torch.float32)
+        dist.load_full_state_dict(model, loaded.state_dict())
+        dist.load_optimizer_state(model, opt, state["opt"])
         sched.load_state_dict(state["sched"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
@@ -308,7 +328,7 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
         log(f"resumed from {ck} at step {start}/{total}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.lm_head.weight.is_cuda else torch.autocast("cpu", enabled=False)
     end = total if cfg.max_steps is None else min(total, cfg.max_steps)
-    bar = tqdm(range(start, end), desc="train", disable=not cfg.progress, initial=start, total=total)
+    bar = tqdm(range(start, end), desc="train", disable=not cfg.progress or dist.rank() > 0, initial=start, total=total)
     model.train()
     for step in bar:
         group = [[examples[i] for i in b] for b in mbs[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
@@ -316,7 +336,8 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss} at step {step}; last good checkpoint: "
                                      f"{(out_dir / latest.read_text().strip()) if latest.exists() else 'none'}")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # DTensor under FSDP
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -327,9 +348,11 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
         history.append(row)
         bar.set_postfix(loss=f"{loss:.4f}", **({"acc": f"{row['acc']:.2f}"} if "acc" in row else {}))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end:
-            write_jsonl(metrics_f, history)
+            if dist.rank() == 0:
+                write_jsonl(metrics_f, history)
             save_checkpoint(out_dir, model, opt, sched, step + 1)
-    write_jsonl(metrics_f, history)
+    if dist.rank() == 0:
+        write_jsonl(metrics_f, history)
     if end > start:
         save_checkpoint(out_dir, model, opt, sched, end)
     model.eval()
@@ -367,18 +390,19 @@ def train_on(a, model_path, rows, out_dir, kind, tok, ref_path=None, seed=None):
     else:  # dpo, star_dpo
         ex = pair_examples(tok, rows, a.max_len, st)
         step = make_step_dpo(a.beta, a.label_smoothing, a.loss)
-    print(f"{kind}: {st}")
+    if dist.rank() == 0:
+        print(f"{kind}: {st}")
     if not ex:
         raise SystemExit(f"{kind}: no training examples left ({st})")
     if kind in ("dpo", "star_dpo"):
         dtype = torch.float32
         add_reference_logps(ref_path, ex, tok.pad_id, out_dir / "ref_logps.pt", a.batch_size, dtype, a.device,
                             progress=not a.no_progress)
-    model = load_model(a, model_path, score_head=True if kind == "bt_rm" else None)
+    model = dist.shard(load_model(a, model_path, score_head=True if kind == "bt_rm" else None))
     hist = fit(model, ex, step, train_cfg(a, seed), out_dir / "train", tok.pad_id)
     if a.max_steps is not None and len(hist) < math.ceil(len(micro_batches(len(ex), train_cfg(a, seed))) / a.grad_accum):
         raise SystemExit(f"stopped at --max-steps {a.max_steps}; run again with --resume to finish")
-    model.save_pretrained(out_dir / "model")
+    save_model(model, out_dir / "model")
     return hist
 
 
@@ -390,9 +414,10 @@ def judge_report(a, model_path, pairs, tok, title):
                        max_new_tokens=a.max_new_tokens, seed=a.seed, progress=not a.no_progress)
     s = summarize(pairs, recs)
     al = s["per_category"]["all"]
-    print(f"[{title}] held-out judge accuracy (CoT, maj@{a.eval_samples}, both orders, n={len(pairs)}): "
-          f"{al['maj@N']:.3f}  | length baseline {al['longer']:.3f}  | forced verdicts "
-          f"{s.get('forced_rate', 0):.2f}, parse failures {s.get('parse_failure_rate', 0):.2f}")
+    if dist.rank() == 0:
+        print(f"[{title}] held-out judge accuracy (CoT, maj@{a.eval_samples}, both orders, n={len(pairs)}): "
+              f"{al['maj@N']:.3f}  | length baseline {al['longer']:.3f}  | forced verdicts "
+              f"{s.get('forced_rate', 0):.2f}, parse failures {s.get('parse_failure_rate', 0):.2f}")
     return s
 
 
@@ -446,9 +471,15 @@ def main(argv=None):
     out = Path(a.out or f"runs/{a.method}")
     if out.exists() and any(out.iterdir()) and not a.resume:
         raise SystemExit(f"{out} exists and is not empty: pass --resume to continue it or --out for a new run")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "args.json").write_text(json.dumps(vars(a), indent=2))
-    print(f"run directory: {out}")
+    rank, world = dist.init()  # torchrun: FSDP2 training, data-parallel sampling and eval
+    dist.barrier()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(a), indent=2))
+        print(f"run directory: {out}" + (f"  ({world} ranks)" if world > 1 else ""))
+    else:
+        a.no_progress = True
+    dist.barrier()
     t0 = time.time()
     tok = load_tokenizer(a.model)
     st = LoadStats()
@@ -464,7 +495,10 @@ def main(argv=None):
         heldout = load_pairs(a.eval_data, limit=a.eval_limit, seed=a.seed)
         before = out / "eval_before.json"
         if not before.exists():
-            atomic_write(before, lambda f: Path(f).write_text(json.dumps(judge_report(a, a.model, heldout, tok, "before"))))
+            s = judge_report(a, a.model, heldout, tok, "before")
+            if rank == 0:
+                atomic_write(before, lambda f: Path(f).write_text(json.dumps(s)))
+            dist.barrier()
         report["before"] = json.loads(before.read_text())
 
     if a.method in ("star_sft", "star_dpo"):
@@ -475,16 +509,19 @@ def main(argv=None):
             pairs_per_prompt=a.pairs_per_prompt, rationalize_failures=a.rationalize,
             ref_from_previous=a.ref_from_previous, progress=not a.no_progress,
             load_fn=lambda p: load_model(a, p).eval(),
-            train_fn=lambda src, rows, ref, d: train_on(a, src, rows, d, a.method, tok, ref_path=ref))
+            train_fn=lambda src, rows, ref, d: train_on(a, src, rows, d, a.method, tok, ref_path=ref),
+            log=print if rank == 0 else (lambda *_: None))
         report["star"] = reports
     elif a.method == "rationalizer":
         # Eq. 8: rationales written by the base model given the correct answer (Fig. 7), then SFT
         rat_f = out / "rationales.jsonl"
         if not rat_f.exists():
             m = load_model(a, a.model).eval()
-            orders = genrm.seeded_orders(pairs, a.seed)
-            write_jsonl(rat_f, genrm.rationalize(m, tok, pairs, orders, max_new_tokens=a.max_new_tokens,
-                                                 seed=a.seed, progress=not a.no_progress))
+            rows = genrm.rationalize(m, tok, pairs, genrm.seeded_orders(pairs, a.seed), max_new_tokens=a.max_new_tokens,
+                                     seed=a.seed, progress=not a.no_progress)
+            if rank == 0:
+                write_jsonl(rat_f, rows)
+            dist.barrier()
             del m
         train_on(a, a.model, genrm.load_rows(rat_f, genrm.SCHEMAS["sft"]), out, "rationalizer", tok)
         final = str(out / "model")
@@ -495,8 +532,9 @@ def main(argv=None):
     if heldout is not None:
         report["after"] = judge_report(a, final, heldout, tok, "after")
     report.update(final_model=final, seconds=round(time.time() - t0, 1))
-    atomic_write(out / "report.json", lambda f: Path(f).write_text(json.dumps(report, indent=2)))
-    print(f"final model: {final}\nreport: {out / 'report.json'}\nrun directory: {out}  ({report['seconds']} s)")
+    if rank == 0:
+        atomic_write(out / "report.json", lambda f: Path(f).write_text(json.dumps(report, indent=2)))
+        print(f"final model: {final}\nreport: {out / 'report.json'}\nrun directory: {out}  ({report['seconds']} s)")
     return report
 
 

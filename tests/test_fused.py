@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from model import IGNORE_INDEX, fused_logprobs, FusedLogprobs
+from model import IGNORE_INDEX, FusedLogprobs, FusedLogprobSum, fused_logprob_sum, fused_logprobs
 
 
 def naive(h, w, t, temperature=1.0):
@@ -73,7 +73,7 @@ def test_chunk_size_does_not_change_the_result():
 def test_gradcheck_float64():
     h, w, t = inputs(N=6, H=5, V=9)
     h, w = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: FusedLogprobs.apply(a, b, t, 1.3, 4)[0], (h, w))
+    assert torch.autograd.gradcheck(lambda a, b: FusedLogprobs.apply(a, b, t, 1.3, 4, False)[0], (h, w))
 
 
 def test_triton_kernel_matches_under_interpreter():
@@ -93,3 +93,18 @@ def test_triton_kernel_matches_under_interpreter():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_weighted_sum_with_gradients_in_forward_matches_naive(temperature):
+    h, w, t = inputs(seed=3)
+    wt = torch.rand(h.shape[0], generator=torch.Generator().manual_seed(4))
+    got = fused_logprob_sum(h, w, t, wt, temperature=temperature, chunk=6)
+    ref = (naive(h, w, t, temperature) * wt).sum()
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-4)
+    gh, gw = torch.autograd.grad(got * -2.5, (h, w))  # the upstream scalar scales the saved grads
+    rh, rw = torch.autograd.grad(ref * -2.5, (h, w))
+    for a, b in ((gh, rh), (gw, rw)):
+        assert (a - b).norm() / b.norm() < 1e-4 and torch.allclose(a, b, rtol=1e-4, atol=5e-5)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: FusedLogprobSum.apply(a, b, t, wt.double(), 1.3, 5), (h64, w64))

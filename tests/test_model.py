@@ -290,3 +290,16 @@ def test_q4_1_and_q8_0_dequantization():
     q8 = rng.integers(-128, 128, 32).astype(np.int8)
     blk = np.concatenate([np.frombuffer(np.float16(0.25).tobytes(), np.uint8), q8.view(np.uint8)])
     assert np.allclose(M._dequantize("Q8_0", blk, 32), 0.25 * q8)
+
+
+def test_hf_transformers_loads_our_checkpoint_and_agrees(tmp_path):
+    """Where transformers is installed: our saved checkpoint loads unchanged in LlamaForCausalLM
+    and gives our logits (also with tied embeddings)."""
+    transformers = pytest.importorskip("transformers", reason="transformers not installed (optional oracle check)")
+    for tie in (False, True):
+        m = tiny_model(seed=10, tie_word_embeddings=tie)
+        m.save_pretrained(tmp_path / str(tie))
+        hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / str(tie)), torch_dtype=torch.float32).eval()
+        ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            assert (hf(ids).logits - m(ids)).abs().max() < 1e-4

@@ -1,0 +1,99 @@
+"""torch.distributed glue for `torchrun --nproc_per_node K train.py ...`: process group (gloo on CPU,
+NCCL on CUDA), FSDP2 sharding per transformer block, data-parallel maps for sampling / reference
+log-probs / eval, and full (unsharded) state dicts for HF-format checkpoints. A single process
+needs none of it: every helper is the identity there.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init():
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return rank(), world()
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if world() > 1:
+        dist.barrier()
+
+
+def shard(model):
+    """FSDP2: each transformer block is one shard group, the root holds embeddings, final norm and
+    heads. On CUDA, bf16 compute with float32 gradient reduction. `hidden` and `reward` are
+    registered as forward methods so the root's parameters are gathered for them too."""
+    if world() == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if model.lm_head.weight.is_cuda else MixedPrecisionPolicy()
+    for blk in model.model.layers:
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for name in ("hidden", "reward"):
+        register_fsdp_forward_method(model, name)
+    return model
+
+
+def all_sum(x: float) -> float:
+    if world() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def shard_map(fn, items):
+    """fn(items[rank::world]) on every rank, results gathered on all ranks in the original order.
+    fn returns one result per item. With one process: fn(items)."""
+    if world() == 1:
+        return fn(items)
+    mine = fn(items[rank()::world()])
+    parts = [None] * world()
+    dist.all_gather_object(parts, mine)
+    out = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world()] = part
+    return out
+
+
+def full_state_dict(model):
+    """The whole model's state dict on CPU (every rank must call it under FSDP)."""
+    if world() == 1:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model, sd):
+    if world() == 1:
+        model.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(model, opt):
+    """Optimizer state keyed by parameter names, unsharded: resumable on any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=world() > 1))
+
+
+def load_optimizer_state(model, opt, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
