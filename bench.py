@@ -173,7 +173,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--nocache", action="store_true", help="also time the no-cache loop (slow)")
-    ap.add_argument("--chunk", type=int, default=0, help="fused kernel rows per chunk (0: the default, 2**25 // V)")
+    ap.add_argument("--chunk", type=int, default=0, help="fused kernel rows per chunk (0: the default, 2**27 // V)")
     ap.add_argument("--cuda", action="store_true", help="add the bf16 CUDA case")
     a = ap.parse_args()
     bench_sample(a) if a.what == "sample" else bench_logprobs(a)

@@ -164,6 +164,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)                            # [B, nkv, S, hd]
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]      # slots in use
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
@@ -242,8 +243,9 @@ class Llama(nn.Module):
         dev = idx.device
         if self.cache_len:
             assert pos is not None, "cached forward needs explicit positions"
-            slots = torch.arange(self.cache_len, device=dev)
-            mask = slots[None, None, :] <= pos[:, :, None]                      # [B, T, S]
+            # attend over the slots in use only: [0, max position]
+            slots = torch.arange(int(pos.max()) + 1, device=dev)
+            mask = slots[None, None, :] <= pos[:, :, None]                      # [B, T, S']
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
             if valid is None:
@@ -481,7 +483,7 @@ def fused_logprob_sum(hidden, weight, targets, weights=None, *, temperature=1.0,
     """sum_n weights[n] * log pi(targets[n]) (weights default to 1; IGNORE_INDEX rows count 0) as
     a scalar, gradients computed in forward (see FusedLogprobSum). Same values as
     (weights * fused_logprobs(...)).sum(), one matmul cheaper in backward."""
-    chunk = chunk or max(1, (1 << 25) // weight.shape[0])
+    chunk = chunk or max(1, (1 << 27) // weight.shape[0])
     if weights is None:
         weights = torch.ones(hidden.shape[0], device=hidden.device)
     return FusedLogprobSum.apply(hidden, weight, targets, weights, float(temperature), chunk)
@@ -494,11 +496,11 @@ def _acc_dtype(x):
 def fused_logprobs(hidden, weight, targets, *, temperature=1.0, chunk=None, return_entropy=False):
     """log softmax(hidden @ weight.T / temperature)[targets] as float32 [N] (float64 for float64
     inputs, whatever the input dtype otherwise), never holding more than `chunk` rows of logits
-    (default: about 128 MiB of them, 2**25 // V rows). hidden [N, H], weight [V, H], targets [N]
+    (default: about 512 MiB of them, 2**27 // V rows). hidden [N, H], weight [V, H], targets [N]
     (IGNORE_INDEX -> 0, no gradient). Differentiable in hidden and weight. On CUDA with Triton
     importable the forward runs as one Triton kernel (online logsumexp over vocab blocks). With
     return_entropy, also the per-token entropy of the (tempered) distribution, not differentiable."""
-    chunk = chunk or max(1, (1 << 25) // weight.shape[0])
+    chunk = chunk or max(1, (1 << 27) // weight.shape[0])
     if hidden.is_cuda and _triton_ok():
         out, ent = TritonFusedLogprobs.apply(hidden, weight, targets, float(temperature), chunk, return_entropy)
     else:
