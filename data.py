@@ -8,6 +8,7 @@ answers are counted skips, reported by the caller.
 """
 import json
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ class Tokenizer:
     """
 
     def __init__(self, tok: HFTokenizer, source: str):
-        self.tok = tok
+        self.tok, self.source = tok, source
         vocab = tok.get_vocab(with_added_tokens=True)
         if "<|start_header_id|>" in vocab:
             self.template = "llama3"
@@ -45,6 +46,11 @@ class Tokenizer:
             raise ValueError(f"{source}: unknown chat template (no Llama-3 header or ChatML tokens)")
         self.pad_id = self.eot_id
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+
+    def save(self, directory):
+        """Copy tokenizer.json next to a saved model, so the directory is a complete model."""
+        from model import atomic_write
+        atomic_write(Path(directory) / "tokenizer.json", lambda f: shutil.copyfile(self.source, f))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

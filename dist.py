@@ -33,6 +33,13 @@ def barrier():
         dist.barrier()
 
 
+def finish():
+    """Leave the process group once every rank is done (a rank that exits early can abort gloo)."""
+    if world() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(model):
     """FSDP2: each transformer block is one shard group, the root holds embeddings, final norm and
     heads. On CUDA, bf16 compute with float32 gradient reduction. `hidden` and `reward` are

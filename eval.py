@@ -213,6 +213,7 @@ def best_of_n(model, tok, rows, *, batch_size=4, progress=True):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="HF-format model directory or 'smollm2-135m-instruct'")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory holding one (default: the model's)")
     ap.add_argument("--judge", choices=("genrm", "cot", "bt"), default="cot",
                     help="genrm: indicator-token probability (Fig. 8); cot: sampled rationales + verdict "
                          "(Fig. 6); bt: scalar-head reward difference")
@@ -239,7 +240,7 @@ def main(argv=None):
     model = Llama.from_pretrained(a.model, dtype=dtype, device=a.device).eval()
     if a.judge == "bt" and model.score is None:
         sys.exit(f"{a.model}: --judge bt needs a checkpoint with a scalar head (score.weight); train one with --method bt_rm")
-    tok = load_tokenizer(a.model)
+    tok = load_tokenizer(a.tokenizer or a.model)
     results, t0 = {}, time.time()
     for f in a.data:
         st = LoadStats()
@@ -249,20 +250,23 @@ def main(argv=None):
                            max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                            seed=a.seed, batch_size=a.batch_size, progress=not a.no_progress)
         results[Path(f).name] = summarize(pairs, recs)
-        with open(out / f"judgements_{Path(f).stem}.jsonl", "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in recs)
+        if dist.rank() == 0:
+            atomic_write(out / f"judgements_{Path(f).stem}.jsonl",
+                         lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in recs)))
     if a.best_of_n:
         rows = load_candidates(a.best_of_n, limit=a.limit, seed=a.seed)
         scores = best_of_n(model, tok, rows, batch_size=a.batch_size, progress=not a.no_progress)
         results["best_of_n"] = best_of_n_report(rows, best_of_n_picks(scores))
     summary = {"args": vars(a), "seconds": time.time() - t0, "results": results}
-    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     md = markdown({k: v for k, v in results.items() if k != "best_of_n"})
     if "best_of_n" in results:
         md += "\n### best-of-n\n\n" + json.dumps(results["best_of_n"]) + "\n"
-    atomic_write(out / "results.md", lambda p: Path(p).write_text(md))
-    print(md)
-    print(f"written: {out}/results.json, {out}/results.md")
+    if dist.rank() == 0:
+        atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+        atomic_write(out / "results.md", lambda p: Path(p).write_text(md))
+        print(md)
+        print(f"written: {out}/results.json, {out}/results.md")
+    dist.finish()
     return summary
 
 

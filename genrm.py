@@ -373,6 +373,7 @@ def star_driver(run_dir, pairs, *, method, iterations, base_model, train_fn, loa
                 log(f"STaR iteration {i}: nothing to train on; the model is carried over unchanged")
                 if dist.rank() == 0:
                     load_fn(latest).save_pretrained(it_dir / "model")
+                    tok.save(it_dir / "model")
                 dist.barrier()
             else:
                 ref = latest if ref_from_previous else str(base_model)

@@ -268,11 +268,14 @@ def save_checkpoint(out_dir, model, opt, sched, step):
     dist.barrier()
 
 
-def save_model(model, path):
-    """The trained model as an HF-format directory, written by rank 0 from the full state dict."""
+def save_model(model, path, tok=None):
+    """The trained model as an HF-format directory (with the tokenizer), written by rank 0 from
+    the full state dict."""
     sd = dist.full_state_dict(model)
     if dist.rank() == 0:
         model.save_pretrained(path, state_dict=sd)
+        if tok is not None:
+            tok.save(path)
     dist.barrier()
 
 
@@ -402,7 +405,7 @@ def train_on(a, model_path, rows, out_dir, kind, tok, ref_path=None, seed=None):
     hist = fit(model, ex, step, train_cfg(a, seed), out_dir / "train", tok.pad_id)
     if a.max_steps is not None and len(hist) < math.ceil(len(micro_batches(len(ex), train_cfg(a, seed))) / a.grad_accum):
         raise SystemExit(f"stopped at --max-steps {a.max_steps}; run again with --resume to finish")
-    save_model(model, out_dir / "model")
+    save_model(model, out_dir / "model", tok)
     return hist
 
 
@@ -535,6 +538,7 @@ def main(argv=None):
     if rank == 0:
         atomic_write(out / "report.json", lambda f: Path(f).write_text(json.dumps(report, indent=2)))
         print(f"final model: {final}\nreport: {out / 'report.json'}\nrun directory: {out}  ({report['seconds']} s)")
+    dist.finish()
     return report
 
 

@@ -69,6 +69,9 @@ class CharTok:
     def decode(self, ids, skip_special=True):
         return "".join(chr(i) for i in ids if i != self.eot_id)
 
+    def save(self, directory):
+        pass  # nothing to write for this stand-in
+
     def token_id(self, s):
         ids = self.encode(s)
         assert len(ids) == 1

@@ -67,4 +67,4 @@ if __name__ == "__main__":
         run_fit("sft", tmp, 2, Path(tmp) / "ckpt", save_every=1)
     elif case == "sample":
         sample(tmp, Path(tmp) / f"samples_{dist.world()}.json")
-    torch.distributed.destroy_process_group() if dist.world() > 1 else None
+    dist.finish()

@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo, FSDP2) gives what one process gives (issue: scale out)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,13 @@ def launch(case, tmp, nproc):
            str(HERE / "dist_worker.py"), case, str(tmp)] if nproc > 1 else \
           [sys.executable, str(HERE / "dist_worker.py"), case, str(tmp)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-4000:]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)  # the workers too, not only the launcher
+        raise
+    assert p.returncode == 0, err[-4000:]
 
 
 @pytest.fixture(scope="module")

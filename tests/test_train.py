@@ -178,3 +178,19 @@ def test_cli_bad_data_and_existing_run_dir(tmp_path):
     with pytest.raises(SystemExit, match="exists and is not empty"):
         T.main(["--method", "dpo", "--out", str(out), "--data", str(bad)])
     assert (out / "x").read_text() == "keep me"
+
+
+def test_cli_end_to_end_on_the_default_model(tmp_path, smollm):
+    """`train.py --method sft` on 2 short pairs: a complete model directory (weights, config,
+    tokenizer) that loads back, a metrics row per step, and a report."""
+    from data import load_tokenizer
+    d = tmp_path / "d.jsonl"
+    d.write_text("\n".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": "no"}) for w in ("yes", "ok")))
+    rep = T.main(["--method", "sft", "--data", str(d), "--no-eval", "--out", str(tmp_path / "run"), "--no-progress"])
+    out = tmp_path / "run" / "model"
+    m = Llama.from_pretrained(out)
+    assert load_tokenizer(out).encode("Hello world") == load_tokenizer("smollm2-135m-instruct").encode("Hello world")
+    assert not all(torch.equal(a, b) for a, b in zip(m.parameters(), smollm.parameters()))  # it trained
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "train" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["loss"])
+    assert rep["final_model"] == str(out)
