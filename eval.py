@@ -125,6 +125,7 @@ def summarize(pairs, recs) -> dict:
             cats[c]["longer"].append(longer_wins(p))
         if p.category == "reasoning":  # RewardBench averages math and code inside reasoning
             sub = "reasoning/math" if p.id.startswith("gsm8k") else "reasoning/code"
+            cats[sub]["acc1"].append(acc1)
             cats[sub]["accN"].append(accN)
             cats[sub]["longer"].append(longer_wins(p))
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
@@ -133,7 +134,7 @@ def summarize(pairs, recs) -> dict:
                                              for c, v in sorted(cats.items())}}
     pc = out["per_category"]
     if "reasoning/math" in pc and "reasoning/code" in pc:
-        for k in ("maj@N", "longer"):
+        for k in ("maj@1", "maj@N", "longer"):
             pc["reasoning"][k] = (pc["reasoning/math"][k] + pc["reasoning/code"][k]) / 2
     secs = [s for s in SECTIONS if s in pc]
     if secs:

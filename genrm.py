@@ -26,18 +26,7 @@ from sample import generate
 
 # --- Appendix A prompts, word for word. The paper's text rendering loses line breaks; the layout
 # --- of the user turn follows MT-Bench's pairwise template, on which the paper's prompts are based.
-SYSTEM_COT = (  # Fig. 6: LLM-as-a-judge and STaR-SFT/DPO
-    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
-    "assistants to the user question displayed below. You should choose the assistant that follows the "
-    "user's instructions and answers the user's question better. Your evaluation should consider factors "
-    "such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of their "
-    "responses. Begin your evaluation by comparing the two responses and provide a short explanation. "
-    "Avoid any position biases and ensure that the order in which the responses were presented does not "
-    "influence your decision. Do not allow the length of the responses to influence your evaluation. Do "
-    "not favor certain names of the assistants. Be as objective as possible. After providing your "
-    "explanation, output your final verdict by strictly following this format: \"[[A]]\" if assistant A "
-    "is better, \"[[B]]\" if assistant B is better")
-SYSTEM_RATIONALIZER = (  # Fig. 7: the output instructions removed
+SYSTEM_RATIONALIZER = (  # Fig. 7: Fig. 6 without the output instructions
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
     "assistants to the user question displayed below. You should choose the assistant that follows the "
     "user's instructions and answers the user's question better. Your evaluation should consider factors "
@@ -46,6 +35,9 @@ SYSTEM_RATIONALIZER = (  # Fig. 7: the output instructions removed
     "Avoid any position biases and ensure that the order in which the responses were presented does not "
     "influence your decision. Do not allow the length of the responses to influence your evaluation. Do "
     "not favor certain names of the assistants. Be as objective as possible.")
+SYSTEM_COT = SYSTEM_RATIONALIZER + (  # Fig. 6: LLM-as-a-judge and STaR-SFT/DPO
+    " After providing your explanation, output your final verdict by strictly following this format: "
+    "\"[[A]]\" if assistant A is better, \"[[B]]\" if assistant B is better")
 SYSTEM_GENRM = (  # Fig. 8: no explanation, no brackets
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI "
     "assistants to the user question displayed below. You should choose the assistant that follows the "
