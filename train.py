@@ -8,7 +8,7 @@
   star_sft      STaR-SFT: iterate sample -> keep correct rationales -> SFT (Eq. 4 / 8)
   star_dpo      STaR-DPO: iterate sample -> pair correct with incorrect rationales -> DPO (Eq. 9)
 
-`python train.py --method star_dpo` runs on the bundled default (SmolLM2-135M-Instruct and a small
+`python3 train.py --method star_dpo` runs on the bundled default (SmolLM2-135M-Instruct and a small
 preference set in assets/data) and prints the judge's held-out accuracy before and after.
 """
 import argparse
@@ -426,7 +426,7 @@ def judge_report(a, model_path, pairs, tok, title):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", choices=METHODS, default="star_dpo")
+    ap.add_argument("--method", choices=METHODS, default="star_dpo", help="objective (see above); default star_dpo")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="HF-format directory or 'smollm2-135m-instruct' (default)")
     ap.add_argument("--data", default=str(DEFAULT_TRAIN), help="training JSONL (pairs; for sft also "
                     "{messages|prompt, completion}); default: the bundled small set")
@@ -443,15 +443,15 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=2, help="examples (pairs) per micro-batch")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--warmup", type=float, default=0.1, help="linear warmup, fraction of steps; then cosine")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     ap.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     ap.add_argument("--max-len", type=int, default=1024, help="longer examples are skipped and counted")
     ap.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after N steps (resume later)")
     # DPO
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--beta", type=float, default=0.1, help="DPO beta (Eq. 9)")
     ap.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO epsilon")
-    ap.add_argument("--loss", choices=("sigmoid", "ipo"), default="sigmoid")
+    ap.add_argument("--loss", choices=("sigmoid", "ipo"), default="sigmoid", help="DPO loss: sigmoid (DPO/cDPO) or ipo")
     # STaR
     ap.add_argument("--iterations", type=int, default=3, help="STaR iterations = disjoint splits (paper: 3)")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="rationales sampled per pair and iteration")
@@ -461,12 +461,12 @@ def main(argv=None):
     ap.add_argument("--ref-from-previous", action="store_true", help="STaR-DPO reference = previous iteration's model (default: base)")
     ap.add_argument("--eval-samples", type=int, default=1, help="CoT samples per held-out judgement (maj@N)")
     # runtime
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0, help="seed for splits, A/B orders, sampling and data order")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="parameter dtype; on CUDA float32 parameters train under bf16 autocast")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
