@@ -4,6 +4,7 @@ log-probs / eval, and full (unsharded) state dicts for HF-format checkpoints. A 
 needs none of it: every helper is the identity there.
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -34,10 +35,15 @@ def barrier():
 
 
 def finish():
-    """Leave the process group once every rank is done (a rank that exits early can abort gloo)."""
+    """End a torchrun worker once every rank is done: barrier, leave the group, and exit without
+    interpreter teardown, where gloo's threads can abort the process ('terminate called without an
+    active exception') after all work succeeded. A single process just returns."""
     if world() > 1:
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def shard(model):
