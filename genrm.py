@@ -11,7 +11,6 @@ Artefacts are JSONL with these schemas (drop in rationales from another sampler 
 `messages` is the rendered judge conversation (system + user), `label` the correct letter.
 """
 import json
-import math
 import random
 import re
 from collections import Counter

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from tqdm import tqdm
 
 import dist
 import genrm
-from data import LoadStats, Pair, load_pairs, load_tokenizer, prompt_completion_batch, read_jsonl, write_jsonl, pad
+from data import LoadStats, load_pairs, load_tokenizer, prompt_completion_batch, read_jsonl, write_jsonl, pad
 from model import DEFAULT_MODEL, Llama, atomic_write, completion_logprob_sum, fused_logprob_sum, sequence_logprobs
 
 HERE = Path(__file__).resolve().parent
@@ -203,8 +202,7 @@ def add_reference_logps(ref_path, examples, pad_id, cache_file, batch_size, dtyp
             out += [{"sum": (float(c[i]), float(r[i])),
                      "avg": (float(c[i]) / len(e["c"]), float(r[i]) / len(e["r"]))} for i, e in enumerate(b)]
         return out
-    out = dist.shard_map(compute, examples)
-    del ref
+    out = dist.shard_map(compute, examples)  # the reference model is freed when this returns
     for e, v in zip(examples, out):
         e["ref"] = v
     if dist.rank() == 0:

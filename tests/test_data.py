@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import need_shared
 from data import LoadStats, load_pairs, load_tokenizer, pad, prompt_completion_batch

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import eval as E
 from conftest import CharTok, tiny_model

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import model as M
-from conftest import SHARED, need_shared, tiny_config, tiny_model
+from conftest import need_shared, tiny_config, tiny_model
 
 
 # ---------------------------------------------------------------- a naive Llama, written here
