@@ -31,10 +31,9 @@ def timed(fn, repeats):
 # sampling
 
 def bench_sample(a):
-    from data import load_tokenizer
+    from data import load_pairs, load_tokenizer
     from genrm import judge_messages
-    from data import load_pairs
-    from model import Llama, DEFAULT_MODEL
+    from model import DEFAULT_MODEL, Llama
     from sample import generate
     torch.set_num_threads(a.threads)
     m = Llama.from_pretrained(DEFAULT_MODEL).eval()

@@ -74,8 +74,7 @@ class LlamaConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names and k != "rope_scaling"}
         kw.setdefault("num_key_value_heads", d["num_attention_heads"])
-        kw.setdefault("head_dim", d["hidden_size"] // d["num_attention_heads"])
-        if kw.get("head_dim") is None:
+        if kw.get("head_dim") is None:  # absent or null in older configs
             kw["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
         return cls(rope_scaling=rope, **kw)
 
