@@ -92,14 +92,28 @@ def judgement_outcome(j, key):
     return float(votes[0] == key), float(win == key), status, win
 
 
+def pooled_outcome(order) -> float:
+    """One pair judged in both orders, the position bias averaged out: GenRM averages the two
+    p(chosen > rejected); CoT pools the votes of both orders (a tie, or no verdict either way,
+    counts 0.5). An always-"A" judge scores exactly 0.5 here, whatever the data."""
+    js = list(order.values())
+    if "p" in js[0]:
+        x = sum(j["p"] for j in js) / len(js)
+    else:
+        picked = [v for k, j in order.items() for v, _ in j["votes"] if v is not None]
+        x = sum(v == k for k, j in order.items() for v, _ in j["votes"]) / len(picked) if picked else 0.5
+    return 1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0
+
+
 def summarize(pairs, recs) -> dict:
-    """Accuracy (maj@1, maj@N) overall and per category, the length baseline, RewardBench sections,
-    position bias, swap consistency, parse-failure / forced / tie rates. A pair judged in both
-    orders counts as the mean of its two judgements."""
+    """Accuracy (maj@1, maj@N, and pooled over both orders) overall and per category, the length
+    baseline, RewardBench sections, position bias, swap consistency, parse-failure / forced / tie
+    rates. For maj@1 / maj@N a pair judged in both orders counts as the mean of its two judgements."""
     cats = defaultdict(lambda: defaultdict(list))
     pos = {"A": [], "B": []}
     swaps, n_votes, n_fail, n_forced, n_tie, n_none, n_judg = [], 0, 0, 0, 0, 0, 0
     for p, r in zip(pairs, recs):
+        both = None
         if "margin" in r:
             acc1 = accN = float(r["margin"] > 0)
         else:
@@ -116,26 +130,29 @@ def summarize(pairs, recs) -> dict:
                     n_votes += len(j["votes"])
                     n_fail += sum(v is None for v, _ in j["votes"])
                     n_forced += sum(bool(f) for _, f in j["votes"])
+            if len(out) == 2:
+                both = pooled_outcome(r["order"])
             if len(out) == 2 and out["A"][3] is not None and out["B"][3] is not None:
                 # consistent when both orders pick the same underlying answer
                 swaps.append(float((out["A"][3] == "A") == (out["B"][3] == "B")))
-        for c in ("all", p.category or "none"):
+        cs = ["all", p.category or "none"]
+        if p.category == "reasoning":  # RewardBench averages math and code inside reasoning
+            cs.append("reasoning/math" if p.id.startswith("gsm8k") else "reasoning/code")
+        for c in cs:
             cats[c]["acc1"].append(acc1)
             cats[c]["accN"].append(accN)
             cats[c]["longer"].append(longer_wins(p))
-        if p.category == "reasoning":  # RewardBench averages math and code inside reasoning
-            sub = "reasoning/math" if p.id.startswith("gsm8k") else "reasoning/code"
-            cats[sub]["acc1"].append(acc1)
-            cats[sub]["accN"].append(accN)
-            cats[sub]["longer"].append(longer_wins(p))
+            if both is not None:
+                cats[c]["both"].append(both)
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    out = {"n": len(pairs), "per_category": {c: {"n": len(v["accN"]), "maj@1": mean(v["acc1"]) if v["acc1"] else None,
-                                                 "maj@N": mean(v["accN"]), "longer": mean(v["longer"])}
+    out = {"n": len(pairs), "per_category": {c: {"n": len(v["accN"]), "maj@1": mean(v["acc1"]), "maj@N": mean(v["accN"]),
+                                                 "pooled": mean(v["both"]), "longer": mean(v["longer"])}
                                              for c, v in sorted(cats.items())}}
     pc = out["per_category"]
     if "reasoning/math" in pc and "reasoning/code" in pc:
-        for k in ("maj@1", "maj@N", "longer"):
-            pc["reasoning"][k] = (pc["reasoning/math"][k] + pc["reasoning/code"][k]) / 2
+        for k in ("maj@1", "maj@N", "pooled", "longer"):
+            m, c = pc["reasoning/math"][k], pc["reasoning/code"][k]
+            pc["reasoning"][k] = None if m is None or c is None else (m + c) / 2
     secs = [s for s in SECTIONS if s in pc]
     if secs:
         out["sections"] = {k: mean([pc[s][k] for s in secs]) for k in ("maj@N", "longer")}
@@ -154,10 +171,12 @@ def summarize(pairs, recs) -> dict:
 def markdown(results: dict) -> str:
     lines = []
     for f, r in results.items():
-        lines.append(f"### {f}\n\n| category | n | maj@1 | maj@N | longer answer |\n|---|---|---|---|---|")
+        lines.append(f"### {f}\n\n| category | n | maj@1 | maj@N | both orders pooled | longer answer |\n"
+                     "|---|---|---|---|---|---|")
         for c, v in r["per_category"].items():
             fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-            lines.append(f"| {c} | {v['n']} | {fmt(v['maj@1'])} | {fmt(v['maj@N'])} | {fmt(v['longer'])} |")
+            lines.append(f"| {c} | {v['n']} | {fmt(v['maj@1'])} | {fmt(v['maj@N'])} | {fmt(v['pooled'])} | "
+                         f"{fmt(v['longer'])} |")
         extra = {k: r[k] for k in ("sections", "position", "tie_rate", "no_verdict_rate", "parse_failure_rate", "forced_rate") if k in r}
         if extra:
             lines.append("\n" + "\n".join(f"- {k}: {json.dumps(v)}" for k, v in extra.items()))

@@ -54,6 +54,20 @@ def test_planted_accuracy_sections_and_swap_consistency():
     assert s["per_category"]["all"]["maj@N"] == pytest.approx((1 + 0 + 0.5 + 0.5 + 0.5 + 1) / 6)
 
 
+def test_pooled_over_both_orders_cancels_position_bias():
+    pairs = [P(i, "chat") for i in range(5)]
+    g = lambda a, b: {"order": {"A": {"p": a}, "B": {"p": b}}}  # noqa: E731  p(chosen > rejected) per order
+    recs = [g(0.9, 0.3), g(0.6, 0.2), g(0.7, 0.3),   # position-biased judge: means 0.6, 0.4, 0.5
+            {"order": {"A": votes("A", "A", "B"), "B": votes("A", "B", None)}},  # chosen 2 + 1 of 5 votes
+            {"order": {"A": votes("A", "A"), "B": votes("A", "A")}}]               # always A: 2 of 4
+    for p, r in zip(pairs, recs):
+        r.update(id=p.id, category=p.category)
+    s = E.summarize(pairs, recs)
+    # by hand: 1, 0, 0.5 (exact tie), 1 (3 of 5 votes), 0.5
+    assert s["per_category"]["all"]["pooled"] == pytest.approx((1 + 0 + 0.5 + 1 + 0.5) / 5)
+    assert s["per_category"]["all"]["maj@N"] == 0.5  # each pair right in one order only (or a tie)
+
+
 def test_bt_accuracy_from_rewards():
     pairs = [P(i, "chat") for i in range(4)]
     recs = [{"id": str(i), "category": "chat", "margin": m} for i, m in enumerate([0.3, -0.1, 2.0, 0.0])]
