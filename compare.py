@@ -20,10 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from data import read_jsonl, write_jsonl
+from eval import SECTIONS, reasoning_half
 from model import atomic_write
 
 DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
-SECTIONS = ("chat", "chat_hard", "safety", "reasoning")
 
 # (row name, train.py --method or None for the base model, eval.py --judge)
 ROWS = [("GenRM (base, zero-shot)", None, "genrm"),
@@ -48,10 +48,8 @@ def stratified(rows, group, k, seed):
 
 
 def rb_group(r):
-    """RewardBench sections, reasoning split into its math and code halves (averaged as RewardBench does)."""
-    if r.get("category") == "reasoning":
-        return "reasoning/math" if str(r["id"]).startswith("gsm8k") else "reasoning/code"
-    return r.get("category", "")
+    """RewardBench sections, reasoning split into its math and code halves (eval.reasoning_half)."""
+    return reasoning_half(r["id"]) if r.get("category") == "reasoning" else r.get("category", "")
 
 
 def build_subsets(a, d: Path) -> dict:

@@ -28,6 +28,11 @@ from model import DEFAULT_MODEL, Llama, atomic_write
 SECTIONS = ("chat", "chat_hard", "safety", "reasoning")
 
 
+def reasoning_half(pair_id: str) -> str:
+    """RewardBench averages math (gsm8k) and code (hep-*) inside its reasoning section."""
+    return "reasoning/math" if str(pair_id).startswith("gsm8k") else "reasoning/code"
+
+
 def longer_wins(pair) -> float:
     """The length baseline on one pair: 1 if the chosen answer is longer, 0.5 on a tie."""
     a, b = len(pair.chosen), len(pair.rejected)
@@ -100,8 +105,8 @@ def pooled_outcome(order) -> float:
     if "p" in js[0]:
         x = sum(j["p"] for j in js) / len(js)
     else:
-        picked = [v for k, j in order.items() for v, _ in j["votes"] if v is not None]
-        x = sum(v == k for k, j in order.items() for v, _ in j["votes"]) / len(picked) if picked else 0.5
+        n = sum(v is not None for j in js for v, _ in j["votes"])
+        x = sum(v == k for k, j in order.items() for v, _ in j["votes"]) / n if n else 0.5
     return 1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0
 
 
@@ -132,12 +137,12 @@ def summarize(pairs, recs) -> dict:
                     n_forced += sum(bool(f) for _, f in j["votes"])
             if len(out) == 2:
                 both = pooled_outcome(r["order"])
-            if len(out) == 2 and out["A"][3] is not None and out["B"][3] is not None:
-                # consistent when both orders pick the same underlying answer
-                swaps.append(float((out["A"][3] == "A") == (out["B"][3] == "B")))
+                if out["A"][3] is not None and out["B"][3] is not None:
+                    # consistent when both orders pick the same underlying answer
+                    swaps.append(float((out["A"][3] == "A") == (out["B"][3] == "B")))
         cs = ["all", p.category or "none"]
-        if p.category == "reasoning":  # RewardBench averages math and code inside reasoning
-            cs.append("reasoning/math" if p.id.startswith("gsm8k") else "reasoning/code")
+        if p.category == "reasoning":
+            cs.append(reasoning_half(p.id))
         for c in cs:
             cats[c]["acc1"].append(acc1)
             cats[c]["accN"].append(accN)
