@@ -33,7 +33,8 @@ def timed(fn, repeats):
 def bench_sample(a):
     from data import load_pairs, load_tokenizer
     from genrm import judge_messages
-    from model import DEFAULT_MODEL, Llama
+    from gguf import DEFAULT_MODEL, resolve_model
+    from model import Llama
     from sample import generate
     torch.set_num_threads(a.threads)
     m = Llama.from_pretrained(DEFAULT_MODEL).eval()
@@ -56,7 +57,7 @@ def bench_sample(a):
     hf = None
     try:
         import transformers
-        hf = transformers.LlamaForCausalLM.from_pretrained(str(__import__("model").resolve_model(DEFAULT_MODEL)),
+        hf = transformers.LlamaForCausalLM.from_pretrained(str(resolve_model(DEFAULT_MODEL)),
                                                            torch_dtype=torch.float32).eval()
     except Exception as e:  # noqa: BLE001
         print(f"(HF transformers not benchmarked: {type(e).__name__}: {str(e)[:120]})")
@@ -98,7 +99,7 @@ def bench_sample(a):
 def logprobs_case(kind, N, H, V, dtype, device, repeats, chunk):
     """Runs in a fresh subprocess: time of fwd+bwd, and memory. CPU: peak RSS, and the working
     memory above what inputs and gradients themselves hold. CUDA: max_memory_allocated."""
-    from model import fused_logprob_sum, fused_logprobs
+    from kernels import fused_logprob_sum, fused_logprobs
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     h = torch.randn(N, H, device=device, dtype=dt).requires_grad_()

@@ -19,9 +19,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from data import read_jsonl, write_jsonl
 from eval import SECTIONS, reasoning_half
-from model import atomic_write
+from files import atomic_write, read_jsonl, write_jsonl
 
 DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
 

@@ -6,7 +6,6 @@ Pair JSONL (one object per line): {"id", "prompt", "chosen", "rejected", ["categ
 `prompt`. Malformed lines are errors naming file, line and field; empty answers and identical
 answers are counted skips, reported by the caller.
 """
-import json
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -14,6 +13,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
+
+from files import atomic_write, read_jsonl
+from gguf import DEFAULT_MODEL, resolve_model
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -49,7 +51,6 @@ class Tokenizer:
 
     def save(self, directory):
         """Copy tokenizer.json next to a saved model, so the directory is a complete model."""
-        from model import atomic_write
         atomic_write(Path(directory) / "tokenizer.json", lambda f: shutil.copyfile(self.source, f))
 
     def encode(self, text: str) -> list[int]:
@@ -86,7 +87,6 @@ class Tokenizer:
 
 def load_tokenizer(path_or_name) -> Tokenizer:
     """A tokenizer.json file, a model directory holding one, or the default model's name."""
-    from model import DEFAULT_MODEL, resolve_model
     p = resolve_model(path_or_name) if str(path_or_name) == DEFAULT_MODEL else Path(path_or_name)
     if p.is_dir():
         p = p / "tokenizer.json"
@@ -123,22 +123,6 @@ class LoadStats:
         return f"{self.kept}/{self.read} kept (skipped: {s})"
 
 
-def read_jsonl(path):
-    """Yield (line_number, object) from a JSONL file; a malformed line is an error naming it."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
-
-
 def load_pairs(path, *, limit=None, seed=0, stats: LoadStats | None = None) -> list[Pair]:
     """Read pair JSONL. Missing or non-string prompt/chosen/rejected: ValueError naming file, line
     and field. Empty (whitespace-only) answers and chosen == rejected: counted skips in `stats`.
@@ -171,18 +155,6 @@ def load_pairs(path, *, limit=None, seed=0, stats: LoadStats | None = None) -> l
     return out
 
 
-def write_jsonl(path, rows):
-    """Write rows atomically (temp file, then rename)."""
-    from model import atomic_write
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    atomic_write(path, w)
-
-
 # ----------------------------------------------------------------------------------------------
 # batches
 
@@ -206,3 +178,69 @@ def prompt_completion_batch(examples, pad_id):
     for i, (p, c) in enumerate(examples):
         loss_mask[i, len(p):len(p) + len(c)] = True
     return idx, valid, loss_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# training examples: token ids for each objective
+
+@dataclass
+class Example:
+    """One training example as token ids. SFT, rationalizer (Eq. 8): the loss is on `completion`.
+    GenRM (Eq. 7): `completion` is the correct letter, `other` the wrong one. DPO (Eq. 9) and
+    Bradley-Terry (Eq. 2): `completion` is the chosen answer, `rejected` the other; `ref` holds the
+    reference model's log-probs {"sum": (chosen, rejected), "avg": (...)} once computed."""
+    prompt: list
+    completion: list
+    rejected: list | None = None
+    other: int | None = None
+    ref: dict | None = None
+
+    @property
+    def n(self) -> int:
+        """What the loss averages over: completion tokens (SFT-like), or 1 per pair / verdict."""
+        return 1 if self.rejected is not None or self.other is not None else len(self.completion)
+
+    @property
+    def positions(self) -> int:
+        """Positions the longest sequence of this example occupies (prompt + longer completion)."""
+        return len(self.prompt) + max(len(self.completion), len(self.rejected or []))
+
+
+def completion_ids(tok, text):
+    """A completion's ids: the text, then end-of-turn (what the model must learn to emit)."""
+    return tok.encode(text) + [tok.eot_id]
+
+
+def drop_over_long(examples, max_len, stats, what):
+    """Drop examples longer than max_len tokens, counted in stats (never silently truncated)."""
+    keep = []
+    for e in examples:
+        if e.positions > max_len:
+            stats.skip(f"over-long {what} (> {max_len} tokens)")
+        else:
+            keep.append(e)
+    stats.kept = len(keep)
+    return keep
+
+
+def _prompt_ids(tok, r):
+    return tok.apply_chat(r.get("messages") or [{"role": "user", "content": r["prompt"]}])
+
+
+def sft_examples(tok, rows, max_len, stats):
+    """rows: {"messages", "completion"} or {"prompt", "completion"} or pairs (trained on chosen)."""
+    ex = []
+    for r in rows:
+        r = r if isinstance(r, dict) else vars(r)
+        text = r["completion"] if "completion" in r else r["chosen"]
+        ex.append(Example(_prompt_ids(tok, r), completion_ids(tok, text)))
+    return drop_over_long(ex, max_len, stats, "example")
+
+
+def pair_examples(tok, rows, max_len, stats):
+    """DPO / BT: rows (dicts or Pair) with "messages" or "prompt", "chosen", "rejected"."""
+    ex = []
+    for r in rows:
+        r = r if isinstance(r, dict) else vars(r)
+        ex.append(Example(_prompt_ids(tok, r), completion_ids(tok, r["chosen"]), completion_ids(tok, r["rejected"])))
+    return drop_over_long(ex, max_len, stats, "pair")

@@ -5,6 +5,7 @@ needs none of it: every helper is the identity there.
 """
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,20 @@ def finish():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def once(path, compute, write, read):
+    """The artefact at `path`, computed only when the file does not exist yet: every rank runs
+    `compute()` (it may be collective, e.g. a shard_map), rank 0 writes it atomically with
+    `write(path, value)`, and every rank reads the file back with `read(path)`. A killed run that
+    is started again finds the file and skips the work."""
+    path = Path(path)
+    if not path.exists():
+        value = compute()
+        if rank() == 0:
+            write(path, value)
+        barrier()
+    return read(path)
 
 
 def shard(model):

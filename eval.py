@@ -16,14 +16,18 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
 import dist
 import genrm
-from data import LoadStats, load_pairs, load_tokenizer, pad, read_jsonl
-from model import DEFAULT_MODEL, Llama, atomic_write
+from data import LoadStats, load_pairs, load_tokenizer, pair_examples
+from files import atomic_write, read_jsonl
+from gguf import DEFAULT_MODEL
+from kernels import pair_rewards
+from model import Llama
 
 SECTIONS = ("chat", "chat_hard", "safety", "reasoning")
 
@@ -49,31 +53,25 @@ def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=False, max_n
     orders = [True, False] if both_orders else [True]
     recs = [{"id": p.id, "category": p.category, "order": {}} for p in pairs]
     if judge == "bt":
-        from train import pair_examples
-        st = LoadStats()
-        ex = pair_examples(tok, pairs, 10 ** 9, st)
-        dev = model.lm_head.weight.device
+        ex = pair_examples(tok, pairs, 10 ** 9, LoadStats())
 
         @torch.no_grad()
         def margins(exs):  # this rank's share (dist.shard_map)
             out = []
             for s in tqdm(range(0, len(exs), batch_size), desc="bt", disable=not progress, leave=False):
-                b = exs[s:s + batch_size]
-                idx, valid = pad([e["p"] + e["c"] for e in b] + [e["p"] + e["r"] for e in b], tok.pad_id)
-                r = model.reward(idx.to(dev), valid.to(dev)).cpu()
-                out += [float(r[i] - r[len(b) + i]) for i in range(len(b))]
+                rc, rr = pair_rewards(model, exs[s:s + batch_size], tok.pad_id)
+                out += (rc - rr).cpu().tolist()
             return out
         for r, m in zip(recs, dist.shard_map(margins, ex)):
             r["margin"] = m
         return recs
+    pref = genrm.genrm_preference(model, tok, pairs, both_orders=both_orders, batch_size=batch_size) \
+        if judge == "genrm" else None
     for o in orders:
         key = genrm.label(o)
         if judge == "genrm":
-            seqs = [tok.apply_chat(genrm.judge_messages(p, o, "genrm")) for p in pairs]
-            ab = dist.shard_map(lambda s: genrm.next_token_ab(model, tok, s, batch_size).tolist(), seqs)
-            pa = genrm.preference_from_logits(torch.tensor(ab))
-            for r, x in zip(recs, pa.tolist()):
-                r["order"][key] = {"p": x if o else 1 - x}
+            for r, x in zip(recs, pref["p_a_chosen" if o else "p_b_chosen"].tolist()):
+                r["order"][key] = {"p": x}
         elif judge == "cot":
             # seeds are per pair (seed + index), identical for both orders' calls and any batch size
             res = genrm.cot_judge_sharded(model, tok, pairs, [o] * len(pairs), n=samples, max_new_tokens=max_new_tokens,
@@ -86,15 +84,23 @@ def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=False, max_n
     return recs
 
 
-def judgement_outcome(j, key):
-    """(picked the chosen answer at maj@1, at maj@N, the vote status, which letter was picked)."""
+class Outcome(NamedTuple):
+    """One judgement (one pair in one order) scored."""
+    maj1: float           # 1.0 when the first vote (or p > 0.5) picked the chosen answer
+    majN: float           # 1.0 when the majority of the votes picked it
+    status: str           # "ok", "tie" or "no-verdict" (genrm.majority_vote)
+    picked: str | None    # the letter the judge picked at maj@N, None on a tie / no verdict
+
+
+def judgement_outcome(j, key) -> Outcome:
+    """Score judgement j made with the chosen answer as letter `key`."""
     if "p" in j:
         picked_chosen = j["p"] > 0.5
         letter = key if picked_chosen else ("B" if key == "A" else "A")
-        return float(picked_chosen), float(picked_chosen), "ok", letter
+        return Outcome(float(picked_chosen), float(picked_chosen), "ok", letter)
     votes = [v for v, _ in j["votes"]]
     win, _, status = genrm.majority_vote(votes)
-    return float(votes[0] == key), float(win == key), status, win
+    return Outcome(float(votes[0] == key), float(win == key), status, win)
 
 
 def pooled_outcome(order) -> float:
@@ -123,13 +129,13 @@ def summarize(pairs, recs) -> dict:
             acc1 = accN = float(r["margin"] > 0)
         else:
             out = {k: judgement_outcome(j, k) for k, j in r["order"].items()}
-            acc1 = sum(o[0] for o in out.values()) / len(out)
-            accN = sum(o[1] for o in out.values()) / len(out)
+            acc1 = sum(o.maj1 for o in out.values()) / len(out)
+            accN = sum(o.majN for o in out.values()) / len(out)
             for k, o in out.items():
-                pos[k].append(o[1])
+                pos[k].append(o.majN)
                 n_judg += 1
-                n_tie += o[2] == "tie"
-                n_none += o[2] == "no-verdict"
+                n_tie += o.status == "tie"
+                n_none += o.status == "no-verdict"
                 j = r["order"][k]
                 if "votes" in j:
                     n_votes += len(j["votes"])
@@ -137,9 +143,9 @@ def summarize(pairs, recs) -> dict:
                     n_forced += sum(bool(f) for _, f in j["votes"])
             if len(out) == 2:
                 both = pooled_outcome(r["order"])
-                if out["A"][3] is not None and out["B"][3] is not None:
+                if out["A"].picked is not None and out["B"].picked is not None:
                     # consistent when both orders pick the same underlying answer
-                    swaps.append(float((out["A"][3] == "A") == (out["B"][3] == "B")))
+                    swaps.append(float((out["A"].picked == "A") == (out["B"].picked == "B")))
         cs = ["all", p.category or "none"]
         if p.category == "reasoning":
             cs.append(reasoning_half(p.id))
@@ -171,6 +177,20 @@ def summarize(pairs, recs) -> dict:
         out["parse_failure_rate"] = n_fail / n_votes
         out["forced_rate"] = n_forced / n_votes
     return out
+
+
+def judge_report(model, tok, pairs, *, title, samples, max_new_tokens, seed, progress=True):
+    """The CoT judge's held-out accuracy (both orders, forced verdicts counted), printed beside
+    the length baseline: train.py's before/after lines. Returns the summary."""
+    recs = judge_pairs(model, tok, pairs, "cot", samples=samples, both_orders=True, batch_size=16,
+                       max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+    s = summarize(pairs, recs)
+    al = s["per_category"]["all"]
+    if dist.rank() == 0:
+        print(f"[{title}] held-out judge accuracy (CoT, maj@{samples}, both orders, n={len(pairs)}): "
+              f"{al['maj@N']:.3f}  | length baseline {al['longer']:.3f}  | forced verdicts "
+              f"{s.get('forced_rate', 0):.2f}, parse failures {s.get('parse_failure_rate', 0):.2f}")
+    return s
 
 
 def markdown(results: dict) -> str:

@@ -1,8 +1,9 @@
 """The method: judge prompts (paper Appendix A, Fig. 6-8), verdict parsing, forced verdicts,
 GenRM preference probabilities from the indicator tokens (Sec. 4, Eq. 7), the reward of Eq. 6,
-CoT judging with self-consistency (majority vote), and the STaR steps (Sec. 2.2, 4, A.3):
-sample rationales -> keep correct ones (STaR-SFT, Eq. 4/8) or pair correct with incorrect ones
-(STaR-DPO, Eq. 9) -> rationalize failures (Fig. 7) -> train, one disjoint split per iteration.
+CoT judging with self-consistency (majority vote), and the STaR steps (Sec. 2.2, 4, A.3) as pure
+functions: sample rationales, keep correct ones (STaR-SFT, Eq. 4/8) or pair correct with
+incorrect ones (STaR-DPO, Eq. 9), rationalize failures (Fig. 7). The loop that strings them
+together with training, one disjoint split per iteration, is `train.star` (paper A.3).
 
 Artefacts are JSONL with these schemas (drop in rationales from another sampler the same way):
   samples_{i}.jsonl  {"id", "messages", "label", "completion", "verdict", "forced"}
@@ -10,17 +11,15 @@ Artefacts are JSONL with these schemas (drop in rationales from another sampler 
   dpo_{i}.jsonl      {"id", "messages", "chosen", "rejected"}
 `messages` is the rendered judge conversation (system + user), `label` the correct letter.
 """
-import json
 import random
 import re
 from collections import Counter
-from pathlib import Path
 
 import torch
 
 import dist
-from data import Pair, Tokenizer, pad, read_jsonl, write_jsonl
-from model import Llama
+from data import Example, Pair, Tokenizer, drop_over_long, pad
+from files import read_jsonl
 from sample import generate
 
 # --- Appendix A prompts, word for word. The paper's text rendering loses line breaks; the layout
@@ -52,7 +51,7 @@ USER_TEMPLATE = ("[Chat Context]\n{chat}\n\n"
                  "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]")
 RATIONALIZER_ASK = "\n\nExplain why response {win} is better than response {lose}."  # Fig. 7
 VERDICT_PREFIX = "\n\nFinal verdict: [["  # appended to force a verdict (our choice; see force_verdicts)
-KINDS = ("cot", "genrm", "rationalizer")
+PROMPT_KINDS = ("cot", "genrm", "rationalizer")  # Fig. 6, Fig. 8, Fig. 7
 
 
 def chat_context(pair: Pair) -> str:
@@ -62,20 +61,21 @@ def chat_context(pair: Pair) -> str:
     return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in pair.messages)
 
 
-def judge_messages(pair: Pair, a_is_chosen: bool, kind: str = "cot") -> list:
-    """The judge conversation for `pair` with the chosen answer as A (or as B)."""
+def judge_messages(pair: Pair, a_is_chosen: bool, prompt_kind: str = "cot") -> list:
+    """The judge conversation for `pair` with the chosen answer as A (or as B), in the prompt of
+    `prompt_kind`: "cot" (Fig. 6), "genrm" (Fig. 8) or "rationalizer" (Fig. 7)."""
     a, b = (pair.chosen, pair.rejected) if a_is_chosen else (pair.rejected, pair.chosen)
     user = USER_TEMPLATE.format(chat=chat_context(pair), answer_a=a, answer_b=b)
-    if kind == "cot":
+    if prompt_kind == "cot":
         system = SYSTEM_COT
-    elif kind == "genrm":
+    elif prompt_kind == "genrm":
         system = SYSTEM_GENRM
-    elif kind == "rationalizer":
+    elif prompt_kind == "rationalizer":
         system = SYSTEM_RATIONALIZER
         win, lose = ("A", "B") if a_is_chosen else ("B", "A")
         user += RATIONALIZER_ASK.format(win=win, lose=lose)
     else:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"prompt_kind must be one of {PROMPT_KINDS}, got {prompt_kind!r}")
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -99,7 +99,7 @@ def seeded_orders(pairs, seed) -> list:
 # preferences from next-token probabilities
 
 @torch.no_grad()
-def next_token_ab(model: Llama, tok: Tokenizer, seqs, batch_size=4) -> torch.Tensor:
+def next_token_ab(model, tok: Tokenizer, seqs, batch_size=4) -> torch.Tensor:
     """Logits [N, 2] of the tokens 'A' and 'B' right after each token sequence."""
     ab = torch.tensor([tok.token_id("A"), tok.token_id("B")])
     out = []
@@ -121,17 +121,29 @@ def preference_from_logits(ab_logits: torch.Tensor) -> torch.Tensor:
 
 
 def genrm_preference(model, tok, pairs, *, both_orders=False, batch_size=4):
-    """p(chosen > rejected) per pair from the no-CoT GenRM prompt (Fig. 8). With both_orders, the
-    mean of the chosen-as-A probability and one minus the rejected-as-A probability.
-    Returns dict with 'p' [N] and, per order, 'p_a_chosen' and 'p_b_chosen'."""
-    seqs = [tok.apply_chat(judge_messages(p, True, "genrm")) for p in pairs]
-    p_a = preference_from_logits(next_token_ab(model, tok, seqs, batch_size))     # chosen is A
+    """p(chosen > rejected) per pair from the no-CoT GenRM prompt (Fig. 8), spread over the ranks
+    of a torchrun job. With both_orders, the mean of the chosen-as-A probability and one minus
+    the rejected-as-A probability. Returns dict with 'p' [N] and, per order, 'p_a_chosen' and
+    'p_b_chosen'."""
+    def p_first(a_is_chosen):  # P(A) / (P(A) + P(B)) in this order
+        seqs = [tok.apply_chat(judge_messages(p, a_is_chosen, "genrm")) for p in pairs]
+        ab = dist.shard_map(lambda s: next_token_ab(model, tok, s, batch_size).tolist(), seqs)
+        return preference_from_logits(torch.tensor(ab).reshape(-1, 2))
+    p_a = p_first(True)                                                       # chosen is A
     res = {"p_a_chosen": p_a, "p": p_a}
     if both_orders:
-        seqs = [tok.apply_chat(judge_messages(p, False, "genrm")) for p in pairs]
-        p_b = 1 - preference_from_logits(next_token_ab(model, tok, seqs, batch_size))  # chosen is B
+        p_b = 1 - p_first(False)                                              # chosen is B
         res.update(p_b_chosen=p_b, p=(p_a + p_b) / 2)
     return res
+
+
+def genrm_examples(tok, pairs, max_len, stats, seed):
+    """Eq. 7 training examples: the no-CoT prompt (Fig. 8) in a seeded random A/B order, the
+    correct letter as the one-token completion, the other letter kept for accuracy."""
+    ex = [Example(tok.apply_chat(judge_messages(p, o, "genrm")), [tok.token_id(label(o))],
+                  other=tok.token_id(label(not o)))
+          for p, o in zip(pairs, seeded_orders(pairs, seed))]
+    return drop_over_long(ex, max_len, stats, "example")
 
 
 def reward_eq6(p_pref: torch.Tensor, eps=1e-6) -> torch.Tensor:
@@ -175,14 +187,14 @@ def majority_vote(verdicts):
 
 
 def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temperature=1.0, top_p=0.95,
-              seed=0, force="argmax", prompt_batch=4, progress=True, kind="cot"):
+              seed=0, force="argmax", prompt_batch=4, progress=True, prompt_kind="cot"):
     """Sample n judge rationales per (pair, order) from one prefill each and read the verdicts.
     Returns, per pair, a list of n dicts {completion, verdict, forced} where `forced` marks a
     verdict obtained by force_verdicts when no [[A]]/[[B]] was written (force: "argmax",
     "sample" or None for no forcing). Seeds are per pair (an int: seed + pair index in this
     call; or a list), so batch size does not change results."""
     seeds = [seed + i for i in range(len(pairs))] if isinstance(seed, int) else list(seed)
-    prompts = [tok.apply_chat(judge_messages(p, o, kind)) for p, o in zip(pairs, a_is_chosen)]
+    prompts = [tok.apply_chat(judge_messages(p, o, prompt_kind)) for p, o in zip(pairs, a_is_chosen)]
     outs = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, stop_ids=tok.stop_ids, seed=seeds, prompt_batch=prompt_batch, progress=progress)
     res = [[{"completion": tok.decode(c.tokens), "tokens": c.tokens} for c in o] for o in outs]
@@ -251,6 +263,15 @@ def star_sft_examples(samples):
             for r in samples if r["verdict"] == r["label"]]
 
 
+def failed_pairs(samples, split):
+    """The pairs of a split that no sample judged correctly, each in the order it was judged:
+    what STaR-SFT's rationalization (Sec. 2.2.2) explains. Returns (pairs, a_is_chosen)."""
+    right = {r["id"] for r in samples if r["verdict"] == r["label"]}
+    order = {r["id"]: r["label"] == "A" for r in samples}
+    wrong = [p for p in split if p.id in order and p.id not in right]
+    return wrong, [order[p.id] for p in wrong]
+
+
 def star_dpo_pairs(samples, *, pairs_per_prompt=1, seed=0):
     """STaR-DPO pairing (Eq. 9): for each judge prompt, up to `pairs_per_prompt` (correct,
     incorrect) rationale pairs, each rationale used at most once, chosen by a seeded shuffle.
@@ -276,7 +297,7 @@ def rationalize(model, tok, pairs, orders, *, max_new_tokens, seed, progress=Tru
     the training example is the CoT judge prompt (Fig. 6) with that rationale and the correct
     verdict written out (Eq. 8)."""
     res = cot_judge_sharded(model, tok, pairs, orders, n=1, max_new_tokens=max_new_tokens, temperature=1.0,
-                            top_p=0.95, seed=seed, force=None, progress=progress, kind="rationalizer")
+                            top_p=0.95, seed=seed, force=None, progress=progress, prompt_kind="rationalizer")
     return [{"id": p.id, "messages": judge_messages(p, o, "cot"),
              "completion": with_verdict(r[0]["completion"], label(o))}
             for p, o, r in zip(pairs, orders, res)]
@@ -305,71 +326,3 @@ def load_rows(path, required):
 SCHEMAS = {"samples": ("id", "messages", "label", "completion", "verdict", "forced"),
            "sft": ("id", "messages", "completion"),
            "dpo": ("id", "messages", "chosen", "rejected")}
-
-
-def star_driver(run_dir, pairs, *, method, iterations, base_model, train_fn, load_fn, tok, n, max_new_tokens,
-                seed, pairs_per_prompt=1, rationalize_failures=False, ref_from_previous=False, progress=True,
-                log=print):
-    """The STaR loop (paper 2.2 and A.3). Iteration i:
-      1. sample n rationales per pair of split i from the latest model   -> samples_{i}.jsonl
-      2. STaR-SFT: keep correct ones (+ rationalize failures on request) -> sft_{i}.jsonl
-         STaR-DPO: pair correct with incorrect rationales (Eq. 9)         -> dpo_{i}.jsonl
-      3. train the latest model on them (train_fn)                       -> iter_{i}/model/
-    Each stage is skipped when its artefact exists, so a killed run resumes where it stopped.
-    `load_fn(path)` loads a model; `train_fn(model_path, rows, ref_path, out_dir)` trains from
-    `model_path` and writes the trained model to out_dir/model. Returns the final model path and
-    the per-iteration reports."""
-    run_dir = Path(run_dir)
-    splits = split_pairs(pairs, iterations, seed)
-    latest, reports = str(base_model), []
-    for i, part in enumerate(splits):
-        it_dir = run_dir / f"iter_{i}"
-        done = it_dir / "model" / "config.json"
-        samples_f = run_dir / f"samples_{i}.jsonl"
-        train_f = run_dir / (f"sft_{i}.jsonl" if method == "star_sft" else f"dpo_{i}.jsonl")
-        if not samples_f.exists() and not done.exists():
-            model = load_fn(latest)
-            rows = sample_rationales(model, tok, part, n=n, max_new_tokens=max_new_tokens, seed=seed * 1000 + i,
-                                     progress=progress)
-            if dist.rank() == 0:
-                write_jsonl(samples_f, rows)
-            dist.barrier()
-            del model
-        samples = load_rows(samples_f, SCHEMAS["samples"]) if samples_f.exists() else []
-        if not train_f.exists() and not done.exists():
-            if method == "star_sft":
-                rows = star_sft_examples(samples)
-                if rationalize_failures:
-                    right = {r["id"] for r in samples if r["verdict"] == r["label"]}
-                    order = {r["id"]: r["label"] == "A" for r in samples}  # the order it was judged in
-                    wrong = [(p, order[p.id]) for p in part if p.id in order and p.id not in right]
-                    if wrong:
-                        model = load_fn(latest)
-                        rows += rationalize(model, tok, [p for p, _ in wrong], [o for _, o in wrong],
-                                            max_new_tokens=max_new_tokens, seed=seed * 1000 + i, progress=progress)
-                        del model
-            else:
-                rows = star_dpo_pairs(samples, pairs_per_prompt=pairs_per_prompt, seed=seed + i)
-            if dist.rank() == 0:
-                write_jsonl(train_f, rows)
-            dist.barrier()
-        rows = load_rows(train_f, SCHEMAS["sft" if method == "star_sft" else "dpo"]) if train_f.exists() else []
-        rep = star_report(samples, kept=len(rows) if method == "star_sft" else None,
-                          paired=len(rows) if method == "star_dpo" else None)
-        rep["iteration"] = i
-        reports.append(rep)
-        log(f"STaR iteration {i}: " + ", ".join(f"{k} {v}" for k, v in rep.items() if v is not None and k != "iteration"))
-        if not done.exists():
-            if not rows:
-                log(f"STaR iteration {i}: nothing to train on; the model is carried over unchanged")
-                if dist.rank() == 0:
-                    load_fn(latest).save_pretrained(it_dir / "model")
-                    tok.save(it_dir / "model")
-                dist.barrier()
-            else:
-                ref = latest if ref_from_previous else str(base_model)
-                train_fn(latest, rows, ref, it_dir)
-        latest = str(it_dir / "model")
-    if dist.rank() == 0:
-        (run_dir / "star_report.json").write_text(json.dumps(reports, indent=2))
-    return latest, reports

@@ -87,8 +87,7 @@ def _generate_chunk(model, prompts, seeds, n, max_new, temperature, top_p, stop,
     h = model.hidden(idx, pos=pos)                                        # [P, T, H]
     logits = model.lm_head(h[torch.arange(P, device=dev), lens - 1]).float()  # [P, V]
     # n rows per prompt share the prefill
-    for c in model.caches():
-        c.k, c.v = c.k.repeat_interleave(n, 0), c.v.repeat_interleave(n, 0)
+    model.select_cache_rows(torch.arange(P, device=dev).repeat_interleave(n))
     logits = logits.repeat_interleave(n, 0)                               # [R, V]
     pos = lens.repeat_interleave(n)                                       # next position per row
     R = P * n
@@ -124,8 +123,7 @@ def _generate_chunk(model, prompts, seeds, n, max_new, temperature, top_p, stop,
             break
         if len(keep) < len(alive):                                        # drop finished rows
             ki = torch.tensor(keep, device=dev)
-            for c in model.caches():
-                c.k, c.v = c.k[ki], c.v[ki]
+            model.select_cache_rows(ki)
             nxt, pos = nxt[ki], pos[ki]
             alive = [alive[a] for a in keep]
         h = model.hidden(nxt[:, None], pos=pos[:, None])                  # [A, 1, H]

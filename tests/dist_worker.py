@@ -10,21 +10,22 @@ import torch  # noqa: E402
 
 import dist  # noqa: E402
 import genrm  # noqa: E402
-import train as T  # noqa: E402
 from conftest import CharTok  # noqa: E402
-from data import LoadStats, Pair  # noqa: E402
+from data import LoadStats, Pair, sft_examples, pair_examples  # noqa: E402
+from fit import TrainConfig, fit, accumulate_gradients, save_model  # noqa: E402
+from losses import add_reference_logps, make_step_dpo, step_sft  # noqa: E402
 from model import Llama  # noqa: E402
 
 
 def examples(kind, tok, base, tmp):
     if kind == "sft":
         rows = [{"prompt": f"p{i}", "completion": "x" * (3 + 5 * i)} for i in range(4)]
-        return T.sft_examples(tok, rows, 500, LoadStats()), T.step_sft
+        return sft_examples(tok, rows, 500, LoadStats()), step_sft
     rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": "no " * (i + 1)} for i in range(4)]
-    ex = T.pair_examples(tok, rows, 500, LoadStats())
-    T.add_reference_logps(base, ex, tok.pad_id, Path(tmp) / f"ref_{dist.world()}.pt", 1, torch.float32, "cpu",
+    ex = pair_examples(tok, rows, 500, LoadStats())
+    add_reference_logps(base, ex, tok.pad_id, Path(tmp) / f"ref_{dist.world()}.pt", 1, torch.float32, "cpu",
                           progress=False)
-    return ex, T.make_step_dpo(0.1, 0.0, "sigmoid")
+    return ex, make_step_dpo(0.1, 0.0, "sigmoid")
 
 
 def run_fit(kind, tmp, steps, out, save_every=0):
@@ -32,9 +33,9 @@ def run_fit(kind, tmp, steps, out, save_every=0):
     tok, base = CharTok(), Path(tmp) / "base"
     ex, step = examples(kind, tok, base, tmp)
     model = dist.shard(Llama.from_pretrained(base))
-    cfg = T.TrainConfig(lr=1e-3, batch_size=4, epochs=steps, save_every=save_every, progress=False)
-    T.fit(model, ex, step, cfg, Path(out), tok.pad_id, log=lambda *_: None)
-    T.save_model(model, Path(out) / "model")
+    cfg = TrainConfig(lr=1e-3, batch_size=4, epochs=steps, save_every=save_every, progress=False)
+    fit(model, ex, step, cfg, Path(out), tok.pad_id, log=lambda *_: None)
+    save_model(model, Path(out) / "model")
 
 
 def grads(kind, tmp, out):
@@ -42,7 +43,7 @@ def grads(kind, tmp, out):
     tok, base = CharTok(), Path(tmp) / "base"
     ex, step = examples(kind, tok, base, tmp)
     model = dist.shard(Llama.from_pretrained(base))
-    loss, _ = T.accumulate_gradients(model, [ex[:2], ex[2:]], step, tok.pad_id)
+    loss, _ = accumulate_gradients(model, [ex[:2], ex[2:]], step, tok.pad_id)
     g = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
     if dist.rank() == 0:
         torch.save({"loss": loss, "grads": g}, out)

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 import compare as C
-from data import read_jsonl, write_jsonl
+from files import read_jsonl, write_jsonl
 
 
 def test_stratified_counts_order_and_seed():

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from model import IGNORE_INDEX, FusedLogprobs, FusedLogprobSum, fused_logprob_sum, fused_logprobs
+from kernels import IGNORE_INDEX, FusedLogprobs, FusedLogprobSum, fused_logprob_sum, fused_logprobs
 
 
 def naive(h, w, t, temperature=1.0):
@@ -80,10 +80,10 @@ def test_triton_kernel_matches_under_interpreter():
     """The Triton forward kernel, run by Triton's CPU interpreter in a subprocess."""
     pytest.importorskip("triton", reason="triton is not installed (optional; pip install triton)")
     code = (
-        "import torch, model\n"
+        "import torch, kernels\n"
         "from tests.test_fused import inputs, naive\n"
         "h, w, t = inputs(N=45, H=40, V=150)\n"
-        "out, lse, ent = model._triton_forward(h.detach(), w.detach(), t, 0.9)\n"
+        "out, lse, ent = kernels._triton_forward(h.detach(), w.detach(), t, 0.9)\n"
         "ref = naive(h.detach(), w.detach(), t, 0.9)\n"
         "lg = (h.detach() @ w.detach().T) / 0.9\n"
         "assert (out - ref).abs().max() < 1e-4, (out - ref).abs().max()\n"

@@ -135,6 +135,7 @@ def test_splits_disjoint_and_cover():
 
 
 def test_star_driver_artefacts_and_resume(tmp_path, monkeypatch):
+    import train as T
     base = tmp_path / "base"
     tiny_model(seed=3).save_pretrained(base)
     tok = CharTok()
@@ -155,13 +156,15 @@ def test_star_driver_artefacts_and_resume(tmp_path, monkeypatch):
         calls["train"].append((i, src, ref, len(rows)))
         Llama.from_pretrained(src).save_pretrained(out_dir / "model")
 
-    kw = dict(method="star_dpo", iterations=3, base_model=base, tok=tok, n=4, max_new_tokens=6, seed=1,
-              load_fn=lambda p: Llama.from_pretrained(p).eval(), progress=False, log=lambda *_: None)
+    cfg = T.RunConfig(method="star_dpo", iterations=3, model=str(base), samples_per_prompt=4, max_new_tokens=6,
+                      seed=1, no_progress=True, device="cpu")
     run = tmp_path / "run"
+    monkeypatch.setattr(T, "train_on", lambda c, src, rows, d, tk, obj, ref_path=None: train_fn(src, rows, ref_path, d, fail_on=1))
     with pytest.raises(KeyboardInterrupt):
-        genrm.star_driver(run, pairs, train_fn=lambda *a: train_fn(*a, fail_on=1), **kw)
+        T.star(cfg, pairs, tok, run, log=lambda *_: None)
     assert calls["sample"] == 2 and [c[0] for c in calls["train"]] == [0]
-    final, reps = genrm.star_driver(run, pairs, train_fn=train_fn, **kw)
+    monkeypatch.setattr(T, "train_on", lambda c, src, rows, d, tk, obj, ref_path=None: train_fn(src, rows, ref_path, d))
+    final, reps = T.star(cfg, pairs, tok, run, log=lambda *_: None)
     assert calls["sample"] == 3  # iteration 0 and 1 samples were not redone
     trained = [i for i in range(3) if reps[i]["paired"]]  # an iteration with no pairs carries the model over
     assert [c[0] for c in calls["train"]] == trained and trained[0] == 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import gguf as G
 import model as M
 from conftest import need_shared, tiny_config, tiny_model
 
@@ -269,14 +270,14 @@ def _gguf(tmp_path, tensors, meta=()):
 def test_gguf_reader_roundtrip_and_truncation(tmp_path):
     a = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     p = _gguf(tmp_path, [("w", a)], meta=[("x.count", 7)])
-    meta, t = M.read_gguf(p)
+    meta, t = G.read_gguf(p)
     assert meta["x.count"] == 7 and torch.equal(t["w"], a)
     p.write_bytes(p.read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated GGUF"):
-        M.read_gguf(p)
+        G.read_gguf(p)
     p.write_bytes(b"GGML" + b"\0" * 40)
     with pytest.raises(ValueError, match="not a GGUF"):
-        M.read_gguf(p)
+        G.read_gguf(p)
 
 
 def test_q4_1_and_q8_0_dequantization():
@@ -286,10 +287,10 @@ def test_q4_1_and_q8_0_dequantization():
     q = rng.integers(0, 16, 32)
     blk = np.concatenate([np.frombuffer(d.tobytes() + m.tobytes(), np.uint8),
                           (q[:16] | (q[16:] << 4)).astype(np.uint8)])
-    assert np.allclose(M._dequantize("Q4_1", blk, 32), 0.5 * q - 1.25)
+    assert np.allclose(G._dequantize("Q4_1", blk, 32), 0.5 * q - 1.25)
     q8 = rng.integers(-128, 128, 32).astype(np.int8)
     blk = np.concatenate([np.frombuffer(np.float16(0.25).tobytes(), np.uint8), q8.view(np.uint8)])
-    assert np.allclose(M._dequantize("Q8_0", blk, 32), 0.25 * q8)
+    assert np.allclose(G._dequantize("Q8_0", blk, 32), 0.25 * q8)
 
 
 def test_hf_transformers_loads_our_checkpoint_and_agrees(tmp_path):

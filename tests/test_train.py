@@ -8,7 +8,10 @@ import torch.nn.functional as F
 
 import train as T
 from conftest import CharTok, tiny_model
-from data import LoadStats, Pair, load_pairs
+from data import LoadStats, Pair, load_pairs, sft_examples, pair_examples
+from fit import TrainConfig, fit, accumulate_gradients
+from genrm import genrm_examples
+from losses import bt_loss, dpo_loss, nll_loss, step_sft, step_genrm, make_step_dpo, add_reference_logps
 from model import Llama
 
 
@@ -17,45 +20,45 @@ def sig(x):
 
 
 def test_bt_loss_closed_form():
-    got = T.bt_loss(torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 1.0]))
+    got = bt_loss(torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 1.0]))
     want = [-math.log(sig(1.0)), math.log(2), -math.log(sig(-2.0))]
     assert torch.allclose(got, torch.tensor(want), atol=1e-6)
 
 
 def test_dpo_losses_closed_form():
     z = torch.tensor([-5.0, -12.0])
-    assert torch.allclose(T.dpo_loss(z, z - 3, z, z - 3, beta=0.1), torch.full((2,), math.log(2)))
+    assert torch.allclose(dpo_loss(z, z - 3, z, z - 3, beta=0.1), torch.full((2,), math.log(2)))
     pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]), torch.tensor([-17.0])
     h = (-10 + 12) - (-20 + 17)  # = 5
-    assert math.isclose(float(T.dpo_loss(pc, pr, rc, rr, beta=0.1)), -math.log(sig(0.5)), rel_tol=1e-6)
+    assert math.isclose(float(dpo_loss(pc, pr, rc, rr, beta=0.1)), -math.log(sig(0.5)), rel_tol=1e-6)
     eps = 0.2
     want = -(1 - eps) * math.log(sig(0.5)) - eps * math.log(sig(-0.5))
-    assert math.isclose(float(T.dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=eps)), want, rel_tol=1e-6)
-    assert math.isclose(float(T.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="ipo")), (h - 1 / 0.2) ** 2, rel_tol=1e-6)
+    assert math.isclose(float(dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=eps)), want, rel_tol=1e-6)
+    assert math.isclose(float(dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")), (h - 1 / 0.2) ** 2, rel_tol=1e-6)
     with pytest.raises(ValueError, match="unknown DPO loss kind"):
-        T.dpo_loss(pc, pr, rc, rr, beta=0.1, kind="hinge")
+        dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="hinge")
 
 
 def test_nll_loss_is_token_sum_and_count():
     lp = torch.tensor([[0.0, -1.0, -2.0], [0.0, -3.0, -4.0]])
     m = torch.tensor([[0, 1, 1], [0, 0, 1]])
-    s, n = T.nll_loss(lp, m)
+    s, n = nll_loss(lp, m)
     assert float(s) == 7.0 and float(n) == 3.0
 
 
 def test_sft_step_equals_naive_cross_entropy():
     m, tok = tiny_model(seed=1), CharTok()
     rows = [{"prompt": "hello there", "completion": "general kenobi"}, {"prompt": "q", "completion": "a much longer answer"}]
-    ex = T.sft_examples(tok, rows, 500, LoadStats())
-    s, _ = T.step_sft(m, ex, tok.pad_id)
+    ex = sft_examples(tok, rows, 500, LoadStats())
+    s, _ = step_sft(m, ex, tok.pad_id)
     tot, n = 0.0, 0
     for e in ex:
-        ids = torch.tensor([e["p"] + e["c"]])
+        ids = torch.tensor([e.prompt + e.completion])
         lg = m(ids)[0]
-        tgt = ids[0, len(e["p"]):]
-        tot += F.cross_entropy(lg[len(e["p"]) - 1:-1], tgt, reduction="sum")
+        tgt = ids[0, len(e.prompt):]
+        tot += F.cross_entropy(lg[len(e.prompt) - 1:-1], tgt, reduction="sum")
         n += len(tgt)
-    assert torch.allclose(s, tot, rtol=1e-5) and n == sum(e["n"] for e in ex)
+    assert torch.allclose(s, tot, rtol=1e-5) and n == sum(e.n for e in ex)
 
 
 def test_bt_reward_same_with_left_or_right_padding():
@@ -75,12 +78,12 @@ def genrm_pairs(k=8):
 
 def test_tiny_model_overfits_8_genrm_pairs(tmp_path):
     m, tok = tiny_model(seed=3), CharTok()
-    ex = T.genrm_examples(tok, genrm_pairs(), 500, LoadStats(), seed=0)
-    assert {e["c"][0] for e in ex} == {tok.token_id("A"), tok.token_id("B")}  # both orders occur
-    cfg = T.TrainConfig(lr=3e-3, epochs=30, batch_size=4, warmup=0.05, progress=False)
-    hist = T.fit(m, ex, T.step_genrm, cfg, tmp_path, tok.pad_id, log=lambda *_: None)
+    ex = genrm_examples(tok, genrm_pairs(), 500, LoadStats(), seed=0)
+    assert {e.completion[0] for e in ex} == {tok.token_id("A"), tok.token_id("B")}  # both orders occur
+    cfg = TrainConfig(lr=3e-3, epochs=30, batch_size=4, warmup=0.05, progress=False)
+    hist = fit(m, ex, step_genrm, cfg, tmp_path, tok.pad_id, log=lambda *_: None)
     with torch.no_grad():
-        _, correct = T.step_genrm(m, ex, tok.pad_id)
+        _, correct = step_genrm(m, ex, tok.pad_id)
     assert int(correct) == 8 and hist[-1]["loss"] < hist[0]["loss"]
 
 
@@ -89,33 +92,33 @@ def test_grad_accumulation_is_a_global_mean():
     and the loss equals the naive mean NLL over all completion tokens."""
     tok = CharTok()
     rows = [{"prompt": f"p{i}", "completion": "x" * (3 + 5 * i)} for i in range(4)]
-    ex = T.sft_examples(tok, rows, 500, LoadStats())
+    ex = sft_examples(tok, rows, 500, LoadStats())
     grads, losses = [], []
     for bs in (4, 1, 2):
         m = tiny_model(seed=4)
-        loss, _ = T.accumulate_gradients(m, [ex[i:i + bs] for i in range(0, 4, bs)], T.step_sft, tok.pad_id)
+        loss, _ = accumulate_gradients(m, [ex[i:i + bs] for i in range(0, 4, bs)], step_sft, tok.pad_id)
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
         losses.append(loss)
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
     m = tiny_model(seed=4)
-    nll = [F.cross_entropy(m(torch.tensor([e["p"] + e["c"]]))[0, len(e["p"]) - 1:-1], torch.tensor(e["c"]), reduction="sum")
+    nll = [F.cross_entropy(m(torch.tensor([e.prompt + e.completion]))[0, len(e.prompt) - 1:-1], torch.tensor(e.completion), reduction="sum")
            for e in ex]
-    assert math.isclose(losses[0], float(sum(nll).detach()) / sum(len(e["c"]) for e in ex), rel_tol=1e-5)
+    assert math.isclose(losses[0], float(sum(nll).detach()) / sum(len(e.completion) for e in ex), rel_tol=1e-5)
     assert math.isclose(losses[0], losses[1], rel_tol=1e-6)
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
     tok = CharTok()
-    ex = T.genrm_examples(tok, genrm_pairs(6), 500, LoadStats(), seed=0)
-    cfg = T.TrainConfig(lr=1e-3, epochs=2, batch_size=2, save_every=2, progress=False)
+    ex = genrm_examples(tok, genrm_pairs(6), 500, LoadStats(), seed=0)
+    cfg = TrainConfig(lr=1e-3, epochs=2, batch_size=2, save_every=2, progress=False)
     full = tiny_model(seed=5)
-    h_full = T.fit(full, ex, T.step_genrm, cfg, tmp_path / "a", tok.pad_id, log=lambda *_: None)
+    h_full = fit(full, ex, step_genrm, cfg, tmp_path / "a", tok.pad_id, log=lambda *_: None)
     killed = tiny_model(seed=5)
-    T.fit(killed, ex, T.step_genrm, T.TrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path / "b", tok.pad_id,
+    fit(killed, ex, step_genrm, TrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path / "b", tok.pad_id,
           log=lambda *_: None)
     (tmp_path / "b" / "latest").write_text("ckpt-000002")  # as if killed after the step-2 checkpoint
     resumed = tiny_model(seed=99)  # whatever the process starts with, the checkpoint wins
-    h_res = T.fit(resumed, ex, T.step_genrm, cfg, tmp_path / "b", tok.pad_id, log=lambda *_: None)
+    h_res = fit(resumed, ex, step_genrm, cfg, tmp_path / "b", tok.pad_id, log=lambda *_: None)
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert [r["step"] for r in h_res] == list(range(1, 7))
@@ -126,17 +129,17 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     tok = CharTok()
-    ex = T.genrm_examples(tok, genrm_pairs(4), 500, LoadStats(), seed=0)
+    ex = genrm_examples(tok, genrm_pairs(4), 500, LoadStats(), seed=0)
     m = tiny_model(seed=6)
-    cfg = T.TrainConfig(lr=1e-3, batch_size=1, save_every=1, progress=False)
+    cfg = TrainConfig(lr=1e-3, batch_size=1, save_every=1, progress=False)
     calls = {"n": 0}
 
     def step(model, batch, pad_id):
         calls["n"] += 1
-        s, c = T.step_genrm(model, batch, pad_id)
+        s, c = step_genrm(model, batch, pad_id)
         return (s * float("nan") if calls["n"] == 3 else s), c
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* step 2.*ckpt-000002"):
-        T.fit(m, ex, step, cfg, tmp_path, tok.pad_id, log=lambda *_: None)
+        fit(m, ex, step, cfg, tmp_path, tok.pad_id, log=lambda *_: None)
     good = Llama.from_pretrained(tmp_path / "ckpt-000002")
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
@@ -146,24 +149,24 @@ def test_dpo_starts_at_log2_and_reference_cache_is_reused(tmp_path, monkeypatch)
     base = tmp_path / "base"
     tiny_model(seed=7).save_pretrained(base)
     rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no no {i}"} for i in range(4)]
-    ex = T.pair_examples(tok, rows, 500, LoadStats())
-    T.add_reference_logps(base, ex, tok.pad_id, tmp_path / "ref.pt", 2, torch.float32, "cpu", progress=False)
-    step = T.make_step_dpo(0.1, 0.0, "sigmoid")
+    ex = pair_examples(tok, rows, 500, LoadStats())
+    add_reference_logps(base, ex, tok.pad_id, tmp_path / "ref.pt", 2, torch.float32, "cpu", progress=False)
+    step = make_step_dpo(0.1, 0.0, "sigmoid")
     s, _ = step(Llama.from_pretrained(base), ex, tok.pad_id)
     assert math.isclose(float(s.detach()) / 4, math.log(2), rel_tol=1e-5)
     loads = []
     orig = Llama.from_pretrained.__func__
     monkeypatch.setattr(Llama, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or orig(cls, *a, **k)))
-    ex2 = T.pair_examples(tok, rows, 500, LoadStats())
-    T.add_reference_logps(base, ex2, tok.pad_id, tmp_path / "ref.pt", 2, torch.float32, "cpu", progress=False)
-    assert loads == [] and [e["ref"] for e in ex2] == [e["ref"] for e in ex]
+    ex2 = pair_examples(tok, rows, 500, LoadStats())
+    add_reference_logps(base, ex2, tok.pad_id, tmp_path / "ref.pt", 2, torch.float32, "cpu", progress=False)
+    assert loads == [] and [e.ref for e in ex2] == [e.ref for e in ex]
 
 
 def test_over_long_examples_are_counted_skips():
     tok = CharTok()
     rows = [{"prompt": "p", "chosen": "c" * 10, "rejected": "r"}, {"prompt": "p", "chosen": "c" * 300, "rejected": "r"}]
     st = LoadStats(read=2)
-    ex = T.pair_examples(tok, rows, 100, st)
+    ex = pair_examples(tok, rows, 100, st)
     assert len(ex) == 1 and st.kept == 1 and st.skipped == {"over-long pair (> 100 tokens)": 1}
 
 

