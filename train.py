@@ -91,9 +91,16 @@ class RunConfig:
 
 
 def load_model(cfg: RunConfig, path, score_head=None):
-    """float32 parameters (on CUDA, bf16 compute comes from autocast) unless --dtype bfloat16."""
+    """The model to train: float32 parameters (on CUDA, bf16 compute comes from autocast) unless
+    --dtype bfloat16."""
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     return Llama.from_pretrained(path, dtype=dtype, device=cfg.device, score_head=score_head)
+
+
+def load_sampler(cfg: RunConfig, path):
+    """The model that samples rationales and judges (no gradients), in eval mode."""
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    return Llama.from_pretrained(path, dtype=dtype, device=cfg.device).eval()
 
 
 def train_on(cfg: RunConfig, model_path, rows, out_dir, tok, objective, ref_path=None):
@@ -150,14 +157,14 @@ def star(cfg: RunConfig, pairs, tok, run_dir, log=print):
         it_dir = run_dir / f"iter_{i}"
         trained = (it_dir / "model" / "config.json").exists()
         samples = _artefact(run_dir / f"samples_{i}.jsonl", "samples", lambda: genrm.sample_rationales(
-            load_model(cfg, latest).eval(), tok, split, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+            load_sampler(cfg, latest), tok, split, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
             seed=cfg.seed * 1000 + i, progress=cfg.progress), skip=trained)
         if cfg.method == "star_sft":
             def keep_correct():
                 rows = genrm.star_sft_examples(samples)
                 wrong, orders = genrm.failed_pairs(samples, split)
                 if cfg.rationalize and wrong:  # the model explains the right answer (Fig. 7)
-                    rows += genrm.rationalize(load_model(cfg, latest).eval(), tok, wrong, orders,
+                    rows += genrm.rationalize(load_sampler(cfg, latest), tok, wrong, orders,
                                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + i,
                                               progress=cfg.progress)
                 return rows
@@ -185,7 +192,7 @@ def star(cfg: RunConfig, pairs, tok, run_dir, log=print):
 
 
 def _held_out_accuracy(cfg, model_path, pairs, tok, title):
-    return judge_report(load_model(cfg, model_path).eval(), tok, pairs, title=title, samples=cfg.eval_samples,
+    return judge_report(load_sampler(cfg, model_path), tok, pairs, title=title, samples=cfg.eval_samples,
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
 
 
@@ -281,7 +288,7 @@ def main(argv=None):
     elif cfg.method == "rationalizer":
         # Eq. 8: rationales written by the base model given the correct answer (Fig. 7), then SFT
         rows = _artefact(out / "rationales.jsonl", "sft", lambda: genrm.rationalize(
-            load_model(cfg, cfg.model).eval(), tok, pairs, genrm.seeded_orders(pairs, cfg.seed),
+            load_sampler(cfg, cfg.model), tok, pairs, genrm.seeded_orders(pairs, cfg.seed),
             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress))
         train_on(cfg, cfg.model, rows, out, tok, "rationalizer")
         final = str(out / "model")
