@@ -1,5 +1,6 @@
 """Data: tokenizers with chat templates written in code (Llama-3.1 headers; ChatML for SmolLM2),
-preference JSONL -> Pair, and padding/loss masks for training batches.
+preference JSONL -> Pair, training examples as token ids (Example: SFT, GenRM, pairs), and
+padding/loss masks for training batches.
 
 Pair JSONL (one object per line): {"id", "prompt", "chosen", "rejected", ["category"],
 ["messages"]}. `messages`, when present, is the whole conversation whose last user turn is
@@ -88,11 +89,17 @@ class Tokenizer:
 def load_tokenizer(path_or_name) -> Tokenizer:
     """A tokenizer.json file, a model directory holding one, or the default model's name."""
     p = resolve_model(path_or_name) if str(path_or_name) == DEFAULT_MODEL else Path(path_or_name)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such model directory or tokenizer file")
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.exists():
         raise FileNotFoundError(f"{p}: tokenizer.json not found")
-    return Tokenizer(HFTokenizer.from_file(str(p)), str(p))
+    try:
+        tok = HFTokenizer.from_file(str(p))
+    except Exception as e:  # the tokenizers library raises a bare Exception on a malformed file
+        raise ValueError(f"{p}: unreadable tokenizer file ({e})") from None
+    return Tokenizer(tok, str(p))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,17 +149,50 @@ def load_pairs(path, *, limit=None, seed=0, stats: LoadStats | None = None) -> l
         if obj["chosen"] == obj["rejected"]:
             stats.skip("chosen == rejected")
             continue
-        msgs = obj.get("messages")
-        if msgs is not None and (not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "user"):
-            raise ValueError(f"{path}:{n}: field 'messages' must be a list of turns ending with a user turn")
+        msgs = _messages(path, n, obj)
         out.append(Pair(id=str(obj.get("id", f"{Path(path).name}:{n}")), prompt=obj["prompt"],
                         chosen=obj["chosen"], rejected=obj["rejected"], category=str(obj.get("category", "")),
                         messages=msgs, meta=obj.get("meta") or {}))
-    if limit is not None and limit < len(out):
-        keep = sorted(random.Random(seed).sample(range(len(out)), limit))
-        out = [out[i] for i in keep]
+    out = _subset(out, limit, seed)
     stats.kept = len(out)
     return out
+
+
+def load_completions(path, *, limit=None, seed=0, stats: LoadStats | None = None) -> list[dict]:
+    """Read SFT completion JSONL, {"messages" | "prompt", "completion"} per line. A missing or
+    non-string field: ValueError naming file, line and field; an empty completion: a counted skip.
+    `limit`: a seeded random subset, as load_pairs."""
+    stats = stats if stats is not None else LoadStats()
+    out = []
+    for n, obj in read_jsonl(path):
+        stats.read += 1
+        for k in ("completion",) if "messages" in obj else ("prompt", "completion"):
+            if not isinstance(obj.get(k), str):
+                raise ValueError(f"{path}:{n}: field '{k}' must be a string, got {type(obj.get(k)).__name__}")
+        _messages(path, n, obj)
+        if not obj["completion"].strip():
+            stats.skip("empty completion")
+            continue
+        out.append(obj)
+    out = _subset(out, limit, seed)
+    stats.kept = len(out)
+    return out
+
+
+def _messages(path, n, obj):
+    """The optional `messages` field: a non-empty list of turns ending with a user turn."""
+    msgs = obj.get("messages")
+    if msgs is not None and (not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict)
+                             or msgs[-1].get("role") != "user"):
+        raise ValueError(f"{path}:{n}: field 'messages' must be a list of turns ending with a user turn")
+    return msgs
+
+
+def _subset(rows, limit, seed):
+    """A seeded random subset of `limit` rows, in file order (all rows when there are fewer)."""
+    if limit is None or limit >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,6 +218,54 @@ def prompt_completion_batch(examples, pad_id):
     for i, (p, c) in enumerate(examples):
         loss_mask[i, len(p):len(p) + len(c)] = True
     return idx, valid, loss_mask
+
+
+@dataclass
+class PackedPairs:
+    """A batch of pairs packed one per row as [prompt | chosen | rejected] (right padded), so each
+    prompt is run once for both completions. `mask` [B, T, T] (query, key): causal over prompt +
+    chosen; rejected tokens see the prompt and earlier rejected tokens, never the chosen ones;
+    padding sees only itself. `pos` [B, T]: the rejected tokens continue from the end of the
+    prompt, as if they followed it directly. Loss rows (flat indices `src` into the [B * T] hidden
+    states, `tgt` the predicted tokens, `seq` = 2i for pair i's chosen, 2i + 1 for its rejected)
+    come pair by pair, chosen rows then rejected rows; the rejected answer's first token is
+    predicted from the last prompt token. `last` [B, 2]: flat indices of the last chosen and the
+    last rejected token (Bradley-Terry rewards)."""
+    idx: torch.Tensor
+    pos: torch.Tensor
+    mask: torch.Tensor
+    src: torch.Tensor
+    tgt: torch.Tensor
+    seq: torch.Tensor
+    last: torch.Tensor
+
+
+def packed_pair_batch(triples, pad_id, device="cpu") -> PackedPairs:
+    """[(prompt_ids, chosen_ids, rejected_ids)] -> PackedPairs (see there)."""
+    T = max(len(p) + len(c) + len(r) for p, c, r in triples)
+    B = len(triples)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)                    # padding sees itself
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    src, tgt, seq, last = [], [], [], []
+    for i, (p, c, r) in enumerate(triples):
+        P, C, R = len(p), len(c), len(r)
+        if not (P and C and R):
+            raise ValueError(f"pair {i}: empty prompt, chosen or rejected ids")
+        idx[i, :P + C + R] = torch.tensor(p + c + r, dtype=torch.long)
+        pos[i, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+        mask[i, :P + C, :P + C] = causal[:P + C, :P + C]
+        mask[i, P + C:P + C + R, :P] = True                                    # rejected sees the prompt
+        mask[i, P + C:P + C + R, P + C:P + C + R] = causal[:R, :R]            # and itself, causally
+        o = i * T
+        src += [o + P - 1 + j for j in range(C)]                               # chosen j from P-1+j
+        src += [o + (P - 1 if j == 0 else P + C + j - 1) for j in range(R)]    # rejected 0 from P-1
+        tgt += c + r
+        seq += [2 * i] * C + [2 * i + 1] * R
+        last.append([o + P + C - 1, o + P + C + R - 1])
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return PackedPairs(idx.to(device), pos.to(device), mask.to(device), t(src), t(tgt), t(seq), t(last))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,19 +4,19 @@
                  [--samples N] [--both-orders] [--limit K]
   python eval.py --model ... --judge genrm --best-of-n FILE
 
-Accuracy per file and category, the RewardBench-style section score, maj@1 / maj@N for CoT judges
-with parse-failure, forced-verdict and tie rates, position bias and swap consistency, and the
-'pick the longer answer' baseline beside every accuracy. GenRM judges use Eq. 7's indicator-token
-probabilities; rewards for Best-of-N use Eq. 6.
+Judges every pair (both orders by default) with a CoT judge (sampled rationales + verdict,
+Fig. 6), a GenRM judge (Eq. 7's indicator-token probabilities, Fig. 8) or a Bradley-Terry reward
+model, and writes the judgements and their scores (scores.py: accuracy per file, category and
+RewardBench section with 95% intervals, maj@1 / maj@N / maj@k, position bias, ...). Best-of-N
+picks with the Eq. 6 reward.
 """
 import argparse
 import json
+import math
 import random
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -27,30 +27,23 @@ from data import LoadStats, load_pairs, load_tokenizer, pair_examples
 from files import atomic_write, read_jsonl
 from gguf import DEFAULT_MODEL
 from kernels import pair_rewards
-from model import Llama
-
-SECTIONS = ("chat", "chat_hard", "safety", "reasoning")
-
-
-def reasoning_half(pair_id: str) -> str:
-    """RewardBench averages math (gsm8k) and code (hep-*) inside its reasoning section."""
-    return "reasoning/math" if str(pair_id).startswith("gsm8k") else "reasoning/code"
-
-
-def longer_wins(pair) -> float:
-    """The length baseline on one pair: 1 if the chosen answer is longer, 0.5 on a tie."""
-    a, b = len(pair.chosen), len(pair.rejected)
-    return 1.0 if a > b else 0.5 if a == b else 0.0
-
+from model import Llama, check_pretrained
+from scores import markdown, summarize
 
 # ----------------------------------------------------------------------------------------------
 # judgements: one record per pair, {"order": {"A"|"B": judgement}} where the key says which
 # letter the chosen answer had, and a judgement is {"votes": [[verdict, forced], ...]} (CoT),
 # {"p": p(chosen > rejected)} (GenRM) or, for BT, the record holds {"margin": r_w - r_l}.
 
-def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=False, max_new_tokens=256,
+def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=True, max_new_tokens=256,
                 temperature=1.0, top_p=0.95, seed=0, batch_size=4, progress=True):
-    orders = [True, False] if both_orders else [True]
+    """Judge every pair: in both orders (chosen as A, then as B), or with both_orders=False in one
+    order per pair drawn with the seed (genrm.seeded_orders, as training draws them), so a
+    position-biased judge is never scored on one position only. Pairs must fit the model's
+    positions (fitting_pairs drops and counts the others). Returns one record per pair."""
+    if len(fitting_pairs(model, tok, pairs, judge, max_new_tokens, LoadStats())) < len(pairs):
+        raise ValueError(f"some pairs are longer than the model's {model.config.max_position_embeddings} "
+                         "positions: drop them with eval.fitting_pairs first")
     recs = [{"id": p.id, "category": p.category, "order": {}} for p in pairs]
     if judge == "bt":
         ex = pair_examples(tok, pairs, 10 ** 9, LoadStats())
@@ -65,123 +58,72 @@ def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=False, max_n
         for r, m in zip(recs, dist.shard_map(margins, ex)):
             r["margin"] = m
         return recs
-    pref = genrm.genrm_preference(model, tok, pairs, both_orders=both_orders, batch_size=batch_size) \
-        if judge == "genrm" else None
-    for o in orders:
-        key = genrm.label(o)
+    order_sets = [[True] * len(pairs), [False] * len(pairs)] if both_orders else [genrm.seeded_orders(pairs, seed)]
+    for orders in order_sets:  # orders[i]: the chosen answer of pair i is A
         if judge == "genrm":
-            for r, x in zip(recs, pref["p_a_chosen" if o else "p_b_chosen"].tolist()):
-                r["order"][key] = {"p": x}
+            res = [{"p": x} for x in _genrm_p_chosen(model, tok, pairs, orders, batch_size, progress)]
         elif judge == "cot":
             # seeds are per pair (seed + index), identical for both orders' calls and any batch size
-            res = genrm.cot_judge_sharded(model, tok, pairs, [o] * len(pairs), n=samples, max_new_tokens=max_new_tokens,
+            res = genrm.cot_judge_sharded(model, tok, pairs, orders, n=samples, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=top_p, seed=seed, prompt_batch=batch_size,
                                           progress=progress)
-            for r, s in zip(recs, res):
-                r["order"][key] = {"votes": [[x["verdict"], x["forced"]] for x in s]}
+            res = [{"votes": [[x["verdict"], x["forced"]] for x in s]} for s in res]
         else:
             raise ValueError(f"unknown judge {judge!r}")
+        for r, o, j in zip(recs, orders, res):
+            r["order"][genrm.label(o)] = j
     return recs
 
 
-class Outcome(NamedTuple):
-    """One judgement (one pair in one order) scored."""
-    maj1: float           # 1.0 when the first vote (or p > 0.5) picked the chosen answer
-    majN: float           # 1.0 when the majority of the votes picked it
-    status: str           # "ok", "tie" or "no-verdict" (genrm.majority_vote)
-    picked: str | None    # the letter the judge picked at maj@N, None on a tie / no verdict
+def _genrm_p_chosen(model, tok, pairs, orders, batch_size, progress):
+    """p(chosen > rejected) per pair from the indicator tokens (Fig. 8 prompt, Eq. 7), the chosen
+    answer being A where orders[i]; the pairs spread over the ranks (as genrm.genrm_preference,
+    with one order per pair and a progress bar)."""
+    seqs = [tok.apply_chat(genrm.judge_messages(p, o, "genrm")) for p, o in zip(pairs, orders)]
+
+    def mine(ss):  # this rank's share (dist.shard_map): [len(ss)] pairs of (A, B) logits
+        out = []
+        for s in tqdm(range(0, len(ss), batch_size), desc="genrm", disable=not progress, leave=False):
+            out += genrm.next_token_ab(model, tok, ss[s:s + batch_size], batch_size).tolist()
+        return out
+    p_a = genrm.preference_from_logits(torch.tensor(dist.shard_map(mine, seqs)).reshape(-1, 2)).tolist()  # [N]
+    return [x if o else 1 - x for x, o in zip(p_a, orders)]
 
 
-def judgement_outcome(j, key) -> Outcome:
-    """Score judgement j made with the chosen answer as letter `key`."""
-    if "p" in j:
-        picked_chosen = j["p"] > 0.5
-        letter = key if picked_chosen else ("B" if key == "A" else "A")
-        return Outcome(float(picked_chosen), float(picked_chosen), "ok", letter)
-    votes = [v for v, _ in j["votes"]]
-    win, _, status = genrm.majority_vote(votes)
-    return Outcome(float(votes[0] == key), float(win == key), status, win)
+def judge_positions(tok, pair, judge, max_new_tokens) -> int:
+    """Positions the judge needs for a pair, the longer of its two orders: the Fig. 8 prompt
+    (GenRM), the Fig. 6 prompt + the rationale cap + a forced verdict's prefix (CoT), or the
+    prompt + the longer answer (BT)."""
+    if judge == "bt":
+        return pair_examples(tok, [pair], 10 ** 9, LoadStats())[0].positions
+    kind = "genrm" if judge == "genrm" else "cot"
+    n = max(len(tok.apply_chat(genrm.judge_messages(pair, o, kind))) for o in (True, False))
+    return n if judge == "genrm" else n + max_new_tokens + len(tok.encode(genrm.VERDICT_PREFIX))
 
 
-def pooled_outcome(order) -> float:
-    """One pair judged in both orders, the position bias averaged out: GenRM averages the two
-    p(chosen > rejected); CoT pools the votes of both orders (a tie, or no verdict either way,
-    counts 0.5). An always-"A" judge scores exactly 0.5 here, whatever the data."""
-    js = list(order.values())
-    if "p" in js[0]:
-        x = sum(j["p"] for j in js) / len(js)
-    else:
-        n = sum(v is not None for j in js for v, _ in j["votes"])
-        x = sum(v == k for k, j in order.items() for v, _ in j["votes"]) / n if n else 0.5
-    return 1.0 if x > 0.5 else 0.5 if x == 0.5 else 0.0
-
-
-def summarize(pairs, recs) -> dict:
-    """Accuracy (maj@1, maj@N, and pooled over both orders) overall and per category, the length
-    baseline, RewardBench sections, position bias, swap consistency, parse-failure / forced / tie
-    rates. For maj@1 / maj@N a pair judged in both orders counts as the mean of its two judgements."""
-    cats = defaultdict(lambda: defaultdict(list))
-    pos = {"A": [], "B": []}
-    swaps, n_votes, n_fail, n_forced, n_tie, n_none, n_judg = [], 0, 0, 0, 0, 0, 0
-    for p, r in zip(pairs, recs):
-        both = None
-        if "margin" in r:
-            acc1 = accN = float(r["margin"] > 0)
+def fitting_pairs(model, tok, pairs, judge, max_new_tokens, skips: LoadStats) -> list:
+    """The pairs whose judge input fits the model's positions; the others are counted skips (the
+    same rule for every judge, never scored past the positions the model was trained for)."""
+    limit = model.config.max_position_embeddings
+    keep = []
+    for p in pairs:
+        if judge_positions(tok, p, judge, max_new_tokens) > limit:
+            skips.skip(f"over-long for the {judge} judge (> {limit} positions)")
         else:
-            out = {k: judgement_outcome(j, k) for k, j in r["order"].items()}
-            acc1 = sum(o.maj1 for o in out.values()) / len(out)
-            accN = sum(o.majN for o in out.values()) / len(out)
-            for k, o in out.items():
-                pos[k].append(o.majN)
-                n_judg += 1
-                n_tie += o.status == "tie"
-                n_none += o.status == "no-verdict"
-                j = r["order"][k]
-                if "votes" in j:
-                    n_votes += len(j["votes"])
-                    n_fail += sum(v is None for v, _ in j["votes"])
-                    n_forced += sum(bool(f) for _, f in j["votes"])
-            if len(out) == 2:
-                both = pooled_outcome(r["order"])
-                if out["A"].picked is not None and out["B"].picked is not None:
-                    # consistent when both orders pick the same underlying answer
-                    swaps.append(float((out["A"].picked == "A") == (out["B"].picked == "B")))
-        cs = ["all", p.category or "none"]
-        if p.category == "reasoning":
-            cs.append(reasoning_half(p.id))
-        for c in cs:
-            cats[c]["acc1"].append(acc1)
-            cats[c]["accN"].append(accN)
-            cats[c]["longer"].append(longer_wins(p))
-            if both is not None:
-                cats[c]["both"].append(both)
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    out = {"n": len(pairs), "per_category": {c: {"n": len(v["accN"]), "maj@1": mean(v["acc1"]), "maj@N": mean(v["accN"]),
-                                                 "pooled": mean(v["both"]), "longer": mean(v["longer"])}
-                                             for c, v in sorted(cats.items())}}
-    pc = out["per_category"]
-    if "reasoning/math" in pc and "reasoning/code" in pc:
-        for k in ("maj@1", "maj@N", "pooled", "longer"):
-            m, c = pc["reasoning/math"][k], pc["reasoning/code"][k]
-            pc["reasoning"][k] = None if m is None or c is None else (m + c) / 2
-    secs = [s for s in SECTIONS if s in pc]
-    if secs:
-        out["sections"] = {k: mean([pc[s][k] for s in secs]) for k in ("maj@N", "longer")}
-        out["sections"]["present"] = secs
-    if n_judg:
-        out["position"] = {"acc_chosen_as_A": mean(pos["A"]), "acc_chosen_as_B": mean(pos["B"]),
-                           "swap_consistency": mean(swaps)}
-        out["tie_rate"] = n_tie / n_judg
-        out["no_verdict_rate"] = n_none / n_judg
-    if n_votes:
-        out["parse_failure_rate"] = n_fail / n_votes
-        out["forced_rate"] = n_forced / n_votes
-    return out
+            keep.append(p)
+    skips.kept = len(keep)
+    return keep
 
 
 def judge_report(model, tok, pairs, *, title, samples, max_new_tokens, seed, progress=True):
     """The CoT judge's held-out accuracy (both orders, forced verdicts counted), printed beside
     the length baseline: train.py's before/after lines. Returns the summary."""
+    counts = LoadStats(read=len(pairs))
+    pairs = fitting_pairs(model, tok, pairs, "cot", max_new_tokens, counts)  # over-long: counted skips
+    if counts.skipped and dist.rank() == 0:
+        print(f"[{title}] held-out pairs: {counts}")
+    if not pairs:
+        raise ValueError(f"no held-out pair fits the model's {model.config.max_position_embeddings} positions")
     recs = judge_pairs(model, tok, pairs, "cot", samples=samples, both_orders=True, batch_size=16,
                        max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     s = summarize(pairs, recs)
@@ -191,22 +133,6 @@ def judge_report(model, tok, pairs, *, title, samples, max_new_tokens, seed, pro
               f"{al['maj@N']:.3f}  | length baseline {al['longer']:.3f}  | forced verdicts "
               f"{s.get('forced_rate', 0):.2f}, parse failures {s.get('parse_failure_rate', 0):.2f}")
     return s
-
-
-def markdown(results: dict) -> str:
-    lines = []
-    for f, r in results.items():
-        lines.append(f"### {f}\n\n| category | n | maj@1 | maj@N | both orders pooled | longer answer |\n"
-                     "|---|---|---|---|---|---|")
-        for c, v in r["per_category"].items():
-            fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-            lines.append(f"| {c} | {v['n']} | {fmt(v['maj@1'])} | {fmt(v['maj@N'])} | {fmt(v['pooled'])} | "
-                         f"{fmt(v['longer'])} |")
-        extra = {k: r[k] for k in ("sections", "position", "tie_rate", "no_verdict_rate", "parse_failure_rate", "forced_rate") if k in r}
-        if extra:
-            lines.append("\n" + "\n".join(f"- {k}: {json.dumps(v)}" for k, v in extra.items()))
-        lines.append("")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,53 +181,133 @@ def best_of_n(model, tok, rows, *, batch_size=4, progress=True):
 
 # ----------------------------------------------------------------------------------------------
 
+# command lines (eval.py, train.py, compare.py): numbers checked as they are parsed
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's layout and shows each flag's default (None and False,
+    an unset flag, are said in words by the help text where they mean something)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+def number(kind, low=None, *, above=None, high=None):
+    """argparse type: an int or float (`kind`) >= low, > above, <= high; anything else is argparse's
+    one-line error naming the flag, e.g. 'argument --lr: must be > 0, got 0'."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if kind is float and not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        for bad, rule in ((low is not None and x < low, f">= {low}"), (above is not None and x <= above, f"> {above}"),
+                          (high is not None and x > high, f"<= {high}")):
+            if bad:
+                raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return x
+    parse.__name__ = kind.__name__  # argparse's fallback message names the type
+    return parse
+
+
+def _out_dir(out: Path):
+    """eval.py's output directory: a finished evaluation (results.json), or a directory holding
+    files eval.py did not write, is never overwritten; an interrupted one (judgements only) is
+    started again with its old judgements removed, so none is left beside the new results."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise SystemExit(f"{out}: --out exists and is not a directory")
+    other = sorted(f.name for f in out.iterdir() if not f.name.lstrip(".").startswith("judgements_"))
+    if other:
+        raise SystemExit(f"{out} exists and holds {other[0]}: pass a new --out "
+                         "(a finished evaluation is never overwritten)")
+    if dist.rank() == 0:
+        for f in out.iterdir():
+            f.unlink()
+    dist.barrier()
+
+
+def _read_inputs(a):
+    """Every file eval.py reads, checked before it judges or writes anything: the model's config
+    and weight headers, the tokenizer, the pair files (each must leave pairs to judge), the
+    Best-of-N candidates. A bad one is a one-line error naming it (exit 1, no traceback)."""
+    try:
+        check_pretrained(a.model)
+        tok = load_tokenizer(a.tokenizer or a.model)
+        data = {}
+        for f in a.data:
+            counts = LoadStats()
+            data[f] = (load_pairs(f, limit=a.limit, seed=a.seed, stats=counts), counts)
+            if not data[f][0]:
+                raise ValueError(f"{f}: no pairs to judge ({counts})")
+        cands = load_candidates(a.best_of_n, limit=a.limit, seed=a.seed) if a.best_of_n else None
+        if cands == []:
+            raise ValueError(f"{a.best_of_n}: no Best-of-N prompts")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return tok, data, cands
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL, help="HF-format model directory or 'smollm2-135m-instruct'")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory holding one (default: the model's)")
     ap.add_argument("--judge", choices=("genrm", "cot", "bt"), default="cot",
                     help="genrm: indicator-token probability (Fig. 8); cot: sampled rationales + verdict "
                          "(Fig. 6); bt: scalar-head reward difference")
     ap.add_argument("--data", nargs="+", default=[], help="preference JSONL file(s)")
-    ap.add_argument("--samples", type=int, default=1, help="CoT samples per pair (maj@N)")
-    ap.add_argument("--both-orders", action="store_true", help="judge each pair with the chosen answer as A and as B")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="CoT rationale length cap")
-    ap.add_argument("--temperature", type=float, default=1.0, help="CoT sampling temperature (paper: 1.0)")
-    ap.add_argument("--top-p", type=float, default=0.95, help="CoT nucleus sampling (paper: 0.95)")
-    ap.add_argument("--limit", type=int, default=None, help="seeded random subset of this many pairs per file")
-    ap.add_argument("--seed", type=int, default=0, help="seed for subsets and sampling")
-    ap.add_argument("--batch-size", type=int, default=4, help="prompts per forward / prefill (results do not depend on it)")
+    ap.add_argument("--samples", type=number(int, 1), default=1, help="CoT samples per pair (maj@N)")
+    o = ap.add_mutually_exclusive_group()
+    o.add_argument("--both-orders", action="store_true",
+                   help="judge each pair with the chosen answer as A and as B (the default; a judge that always "
+                        "answers A scores 0.5)")
+    o.add_argument("--single-order", action="store_true",
+                   help="judge each pair once, the chosen answer's letter drawn per pair with --seed (as in training)")
+    ap.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="CoT rationale length cap")
+    ap.add_argument("--temperature", type=number(float, 0), default=1.0,
+                    help="CoT sampling temperature, 0 = greedy (paper: 1.0)")
+    ap.add_argument("--top-p", type=number(float, above=0, high=1), default=0.95, help="CoT nucleus sampling (paper: 0.95)")
+    ap.add_argument("--limit", type=number(int, 1), default=None, help="seeded random subset of this many pairs per file")
+    ap.add_argument("--seed", type=int, default=0, help="seed for subsets, single orders and sampling")
+    ap.add_argument("--batch-size", type=number(int, 1), default=4,
+                    help="prompts per forward / prefill (results do not depend on it)")
     ap.add_argument("--best-of-n", metavar="FILE", help="candidates JSONL (e.g. bon_alpacaeval_tulu2dpo13b.jsonl)")
-    ap.add_argument("--out", default=None, help="run directory (default runs/eval-<time>)")
+    ap.add_argument("--out", default=None,
+                    help="run directory (default runs/eval-<time>); a finished one is never overwritten")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="model dtype for judging (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     a = ap.parse_args(argv)
     if not a.data and not a.best_of_n:
         ap.error("give --data FILE... and/or --best-of-n FILE")
+    tok, data, cands = _read_inputs(a)
     dist.init()  # under torchrun, judgements are spread over the ranks; rank 0 writes
     out = Path(a.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    _out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     model = Llama.from_pretrained(a.model, dtype=dtype, device=a.device).eval()
     if a.judge == "bt" and model.score is None:
         sys.exit(f"{a.model}: --judge bt needs a checkpoint with a scalar head (score.weight); train one with --method bt_rm")
-    tok = load_tokenizer(a.tokenizer or a.model)
     results, t0 = {}, time.time()
-    for f in a.data:
-        st = LoadStats()
-        pairs = load_pairs(f, limit=a.limit, seed=a.seed, stats=st)
-        print(f"{f}: {st}")
-        recs = judge_pairs(model, tok, pairs, a.judge, samples=a.samples, both_orders=a.both_orders,
+    for f, (pairs, counts) in data.items():
+        pairs = fitting_pairs(model, tok, pairs, a.judge, a.max_new_tokens, counts)  # over-long: counted skips
+        print(f"{f}: {counts}")
+        if not pairs:
+            raise SystemExit(f"error: {f}: no pair fits the model's {model.config.max_position_embeddings} positions")
+        recs = judge_pairs(model, tok, pairs, a.judge, samples=a.samples, both_orders=not a.single_order,
                            max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                            seed=a.seed, batch_size=a.batch_size, progress=not a.no_progress)
-        results[Path(f).name] = summarize(pairs, recs)
+        results[Path(f).name] = {**summarize(pairs, recs), "read": counts.read, "skipped": counts.skipped}
         if dist.rank() == 0:
             atomic_write(out / f"judgements_{Path(f).stem}.jsonl",
                          lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in recs)))
     if a.best_of_n:
-        rows = load_candidates(a.best_of_n, limit=a.limit, seed=a.seed)
-        scores = best_of_n(model, tok, rows, batch_size=a.batch_size, progress=not a.no_progress)
-        results["best_of_n"] = best_of_n_report(rows, best_of_n_picks(scores))
+        scores = best_of_n(model, tok, cands, batch_size=a.batch_size, progress=not a.no_progress)
+        results["best_of_n"] = best_of_n_report(cands, best_of_n_picks(scores))
     summary = {"args": vars(a), "seconds": time.time() - t0, "results": results}
     md = markdown({k: v for k, v in results.items() if k != "best_of_n"})
     if "best_of_n" in results:

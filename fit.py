@@ -31,6 +31,7 @@ class TrainConfig:
     save_every: int = 0        # steps; 0 = only at the end
     max_steps: int | None = None  # stop early (a kill for the resume test); the schedule is unchanged
     progress: bool = True
+    bf16: bool = False         # bf16 autocast (forward and backward) on float32 master weights and optimizer
 
 
 def micro_batches(n, cfg: TrainConfig):
@@ -68,6 +69,44 @@ def save_checkpoint(out_dir, model, opt, sched, step):
         atomic_write(Path(out_dir) / "latest", lambda f: Path(f).write_text(d.name))
         for old in sorted(Path(out_dir).glob("ckpt-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _loadable_checkpoint(out_dir, log):
+    """The checkpoint to resume from: the one `latest` names, else (or when it does not load) the
+    newest ckpt-* whose state.pt and model both load; each one skipped is logged with the reason.
+    Returns (dir, state, model) or None (no checkpoint: start at step 0)."""
+    out_dir = Path(out_dir)
+    cands = sorted(out_dir.glob("ckpt-*"), reverse=True)                    # newest first
+    latest = out_dir / "latest"
+    if latest.exists():
+        name = latest.read_text(errors="replace").strip()
+        if name.startswith("ckpt-") and out_dir / name in cands:
+            cands.remove(out_dir / name)
+            cands.insert(0, out_dir / name)
+        else:
+            log(f"skipped {latest}: it names no checkpoint ({name[:40]!r}); trying the newest ckpt-*")
+    for ck in cands:
+        try:
+            state = torch.load(ck / "state.pt", weights_only=False)
+            if not {"opt", "sched", "step", "rng"} <= set(state):
+                raise ValueError(f"{ck / 'state.pt'}: missing {sorted({'opt', 'sched', 'step', 'rng'} - set(state))}")
+            return ck, state, Llama.from_pretrained(ck, dtype=torch.float32)
+        except Exception as e:  # a torn checkpoint fails in torch.load, safetensors or JSON: try the previous one
+            log(f"skipped {ck}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    if cands:
+        log(f"no checkpoint in {out_dir} loads: starting at step 0")
+    return None
+
+
+def prune_checkpoints(out_dir):
+    """After a stage has written its final model, its checkpoints (model plus optimizer state,
+    about 3x the model's size each) can no longer be needed: delete them and `latest` (rank 0)."""
+    out_dir = Path(out_dir)
+    if dist.rank() == 0:
+        (out_dir / "latest").unlink(missing_ok=True)  # first, so a kill mid-prune leaves no dangling pointer
+        for d in [*out_dir.glob("ckpt-*"), *out_dir.glob(".ckpt-*.tmp")]:
+            shutil.rmtree(d)
     dist.barrier()
 
 
@@ -120,10 +159,9 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
     latest = out_dir / "latest"
     metrics_f = out_dir / "metrics.jsonl"
     history = []
-    if latest.exists():
-        ck = out_dir / latest.read_text().strip()
-        state = torch.load(ck / "state.pt", weights_only=False)
-        loaded = Llama.from_pretrained(ck, dtype=torch.float32)
+    found = _loadable_checkpoint(out_dir, log)
+    if found is not None:
+        ck, state, loaded = found
         dist.load_full_state_dict(model, loaded.state_dict())
         dist.load_optimizer_state(model, opt, state["opt"])
         sched.load_state_dict(state["sched"])
@@ -132,7 +170,7 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
         if metrics_f.exists():
             history = [r for _, r in read_jsonl(metrics_f) if r["step"] <= start]
         log(f"resumed from {ck} at step {start}/{total}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.lm_head.weight.is_cuda else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     end = total if cfg.max_steps is None else min(total, cfg.max_steps)
     bar = tqdm(range(start, end), desc="train", disable=not cfg.progress or dist.rank() > 0, initial=start, total=total)
     model.train()

@@ -152,17 +152,19 @@ def reward_eq6(p_pref: torch.Tensor, eps=1e-6) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def force_verdicts(model, tok, prompt_ids, completions, batch_size=4, sample_seeds=None):
+def force_verdicts(model, tok, prompt_ids, completions, batch_size=4, sample_seeds=None, temperature=1.0):
     """For completions without a verdict: append VERDICT_PREFIX after the rationale (its stop token
     removed) and take the argmax of P(A) vs P(B). With `sample_seeds` (one per completion), draw
-    the verdict from P(A) / (P(A) + P(B)) instead, as the paper's sampler would have drawn the
-    verdict token (STaR sampling); judging uses the argmax. Returns a list of 'A'/'B'."""
+    the verdict from softmax over the two indicator logits / temperature instead (temperature 1:
+    P(A) / (P(A) + P(B)), as the paper's sampler would have drawn the verdict token; STaR
+    sampling); judging uses the argmax. Returns a list of 'A'/'B'."""
     stop = set(tok.stop_ids)
     prefix = tok.encode(VERDICT_PREFIX)
     seqs = [p + [t for t in c if t not in stop] + prefix for p, c in zip(prompt_ids, completions)]
-    pa = preference_from_logits(next_token_ab(model, tok, seqs, batch_size)).tolist()
+    ab = next_token_ab(model, tok, seqs, batch_size)                          # [N, 2]
     if sample_seeds is None:
-        return ["A" if p >= 0.5 else "B" for p in pa]
+        return ["A" if p >= 0.5 else "B" for p in preference_from_logits(ab).tolist()]
+    pa = preference_from_logits(ab / temperature if temperature != 1.0 else ab).tolist()
     u = [torch.rand(1, generator=torch.Generator().manual_seed(s)).item() for s in sample_seeds]
     return ["A" if x < p else "B" for x, p in zip(u, pa)]
 
@@ -187,11 +189,11 @@ def majority_vote(verdicts):
 
 
 def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temperature=1.0, top_p=0.95,
-              seed=0, force="argmax", prompt_batch=4, progress=True, prompt_kind="cot"):
+              seed=0, force="argmax", prompt_batch=4, progress=True, prompt_kind="cot", verdict_temperature=1.0):
     """Sample n judge rationales per (pair, order) from one prefill each and read the verdicts.
     Returns, per pair, a list of n dicts {completion, verdict, forced} where `forced` marks a
     verdict obtained by force_verdicts when no [[A]]/[[B]] was written (force: "argmax",
-    "sample" or None for no forcing). Seeds are per pair (an int: seed + pair index in this
+    "sample" at `verdict_temperature`, or None for no forcing). Seeds are per pair (an int: seed + pair index in this
     call; or a list), so batch size does not change results."""
     seeds = [seed + i for i in range(len(pairs))] if isinstance(seed, int) else list(seed)
     prompts = [tok.apply_chat(judge_messages(p, o, prompt_kind)) for p, o in zip(pairs, a_is_chosen)]
@@ -208,7 +210,7 @@ def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temper
     if todo:
         fseeds = [seeds[i] * 7919 + j for i, j, _ in todo] if force == "sample" else None
         forced = force_verdicts(model, tok, [prompts[i] for i, _, _ in todo], [s["tokens"] for _, _, s in todo],
-                                batch_size=prompt_batch, sample_seeds=fseeds)
+                                batch_size=prompt_batch, sample_seeds=fseeds, temperature=verdict_temperature)
         for (_, _, s), v in zip(todo, forced):
             s["verdict"], s["forced"] = v, True
     for r in res:
@@ -236,13 +238,18 @@ def split_pairs(pairs, k, seed):
 
 
 def sample_rationales(model, tok, pairs, *, n, max_new_tokens, seed, temperature=1.0, top_p=0.95,
-                      force="sample", progress=True):
-    """STaR sampling on one split: a seeded random A/B order per pair, n rationales per pair from
-    the CoT judge prompt (Fig. 6); a missing verdict is forced by sampling the indicator token.
-    Returns sample rows (schema in the module docstring)."""
+                      force="sample", both_orders=False, verdict_temperature=1.0, progress=True):
+    """STaR sampling on one split: a seeded random A/B order per pair (with both_orders, each pair
+    in its seeded order and then the other one, so right and wrong rationales also come from the
+    position the model is biased against), n rationales per (pair, order) from the CoT judge
+    prompt (Fig. 6); a missing verdict is forced by sampling the indicator token at
+    `verdict_temperature`. Returns sample rows (schema in the module docstring)."""
     orders = seeded_orders(pairs, seed)
+    if both_orders:
+        pairs, orders = [p for p in pairs for _ in (0, 1)], [x for o in orders for x in (o, not o)]
     res = cot_judge_sharded(model, tok, pairs, orders, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, seed=seed, force=force, progress=progress)
+                            top_p=top_p, seed=seed, force=force, progress=progress,
+                            verdict_temperature=verdict_temperature)
     rows = []
     for p, o, r in zip(pairs, orders, res):
         msgs = judge_messages(p, o, "cot")

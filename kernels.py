@@ -3,9 +3,11 @@ tokens x vocab logits, and the batch-level functions every objective is built on
 
   fused_logprobs       per-token log-probs [N], logits recomputed in backward (reference passes)
   fused_logprob_sum    a weighted sum (scalar), gradients computed in forward (SFT, Eq. 7, Eq. 8)
+  fused_dpo_loss       DPO / cDPO / IPO loss (scalar) by chunks of whole pairs, gradients in forward
   sequence_logprobs    model + padded batch -> per-token log-probs [B, T]
   completion_logprob_sum  model + padded batch -> sum over the loss tokens
-  pair_logps, pair_rewards  chosen/rejected examples -> DPO log-probs, Bradley-Terry rewards
+  pair_logps, pair_rewards  chosen/rejected examples -> DPO log-probs, Bradley-Terry rewards, from
+                       one packed [prompt | chosen | rejected] pass (each prompt computed once)
 
 Each kernel walks the rows in chunks; a chunk's logits are built in one reused float32 buffer,
 reduced (target logit, logsumexp) and, where gradients are wanted, turned in place into
@@ -15,7 +17,7 @@ per-token forward is one Triton kernel (online logsumexp over vocab blocks).
 import torch
 import torch.nn.functional as F
 
-from data import pad, prompt_completion_batch
+from data import packed_pair_batch
 
 try:
     import triton
@@ -173,6 +175,139 @@ def fused_logprobs(hidden, weight, targets, *, temperature=1.0, chunk=None, retu
 
 
 # ----------------------------------------------------------------------------------------------
+# DPO with gradients in forward: chunks of whole pairs, so each chunk's loss is final
+
+def _pair_chunks(pair_rows, chunk):
+    """Chunks of whole pairs, about `chunk` rows each: [(first row, end row, first pair, end pair)].
+    A pair with more rows than `chunk` is a chunk of its own (its logits are held all at once)."""
+    out, s, p0, rows = [], 0, 0, 0
+    for p, n in enumerate(pair_rows):
+        if rows and rows + n > chunk:
+            out.append((s, s + rows, p0, p))
+            s, p0, rows = s + rows, p, 0
+        rows += n
+    out.append((s, s + rows, p0, len(pair_rows)))
+    return out
+
+
+def _row_blocks(d):
+    """Row slices of a chunk of logits d [c, V], ~4 MiB each: the elementwise passes (logsumexp,
+    softmax grad) run block by block in cache instead of streaming the chunk through memory, and
+    torch.logsumexp allocates a block-sized temporary instead of a second [c, V]."""
+    rows = max(1, (1 << 20) // d.shape[1])
+    return [slice(r, r + rows) for r in range(0, len(d), rows)]
+
+
+def _dpo_closed_form(z, beta, eps, loss_type):
+    """Per-pair DPO loss of the margin z = (pi_w - ref_w) - (pi_l - ref_l) and dloss/dz.
+      sigmoid (cDPO for eps > 0): L = -(1-eps) log s(beta z) - eps log s(-beta z),
+                                  dL/dz = beta * (eps * s(beta z) - (1-eps) * s(-beta z))
+      ipo:                        L = (z - 1/(2 beta))^2,  dL/dz = 2 (z - 1/(2 beta))"""
+    if loss_type == "ipo":
+        return (z - 1 / (2 * beta)) ** 2, 2 * (z - 1 / (2 * beta))
+    bz = beta * z
+    loss = -(1 - eps) * F.logsigmoid(bz) - eps * F.logsigmoid(-bz)
+    return loss, beta * (eps * torch.sigmoid(bz) - (1 - eps) * torch.sigmoid(-bz))
+
+
+class FusedDPOLoss(torch.autograd.Function):
+    """Mean DPO loss over P pairs (Eq. 9 for STaR-DPO; cDPO, IPO) from hidden states, with the
+    gradients computed in forward (Liger's chunked preference losses). Chunks hold whole pairs, so
+    each chunk's per-pair losses are final: their derivative wrt each completion's log-prob is
+    known in closed form, hence every row's weight w_n, and the chunk's logits are turned in place
+    into dlogits = w * (onehot - softmax) / T. 3 matmuls per chunk (as the naive way), no recompute;
+    backward only scales the saved dh, dW by the scalar upstream gradient, in place (so a second
+    backward through one forward with an upstream gradient != 1 raises). Memory: one chunk of
+    float32 logits, plus dh [N, H] and dW [V, H] in float32 held from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, seq, ref_chosen, ref_rejected, beta, eps, loss_type,
+                temperature, chunk):
+        P, acc = len(ref_chosen), _acc_dtype(hidden)
+        w = weight.to(acc)
+        keep = (targets != IGNORE_INDEX).to(acc)                                   # [N]
+        rows = torch.bincount(seq, minlength=2 * P)                                # [2P] rows per completion
+        if (rows == 0).any():
+            p = int((rows == 0).nonzero()[0]) // 2
+            raise ValueError(f"fused_dpo_loss: pair {p} lacks rows for its chosen or its rejected completion")
+        ntok = torch.zeros(2 * P, dtype=acc, device=hidden.device).index_add_(0, seq, keep)  # loss tokens
+        if loss_type == "ipo" and (ntok == 0).any():
+            c = int((ntok == 0).nonzero()[0])
+            raise ValueError(f"fused_dpo_loss: ipo averages over loss tokens; completion {c} has none")
+        ref = torch.stack([ref_chosen, ref_rejected], 1).to(acc)                   # [P, 2]
+        pol = torch.zeros(2 * P, dtype=acc, device=hidden.device)                  # policy log-probs per completion
+        dh = torch.zeros_like(hidden, dtype=acc)
+        dw = torch.zeros_like(w)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        chunks = _pair_chunks(rows.view(P, 2).sum(1).tolist(), chunk)
+        buf = torch.empty(max(e - s for s, e, _, _ in chunks), w.shape[0], dtype=acc, device=hidden.device)
+        for s, e, p0, p1 in chunks:
+            t, h = targets[s:e], hidden[s:e].to(acc)
+            loc = seq[s:e] - 2 * p0                                                # completion within the chunk
+            d = _chunk_logits(h, w, temperature, buf)                              # [c, V]
+            blocks = _row_blocks(d)
+            lse = torch.cat([torch.logsumexp(d[b], -1) for b in blocks])          # [c]
+            lp = (d.gather(1, t.clamp(min=0)[:, None]).squeeze(1) - lse) * keep[s:e]  # [c] token log-probs
+            n = ntok[2 * p0:2 * p1] if loss_type == "ipo" else 1.0                 # ipo: per-token averages
+            pc = torch.zeros(2 * (p1 - p0), dtype=acc, device=hidden.device).index_add_(0, loc, lp) / n
+            pol[2 * p0:2 * p1] = pc
+            m = pc.view(-1, 2) - ref[p0:p1]                                        # [p1 - p0, 2] pi - ref
+            z = m[:, 0] - m[:, 1]                                                  # the margin h of dpo_loss
+            loss, dz = _dpo_closed_form(z, beta, eps, loss_type)                   # [p1 - p0] each
+            total += loss.sum() / P
+            g = torch.stack([dz, -dz], 1).view(-1) / (n * P)                       # dloss/dlogp per completion
+            gt = (g[loc] * keep[s:e] / temperature)[:, None]                       # [c, 1] row weights / T
+            for b in blocks:                                                       # d is now dlogits
+                _softmax_grad_(d[b], lse[b], t[b], gt[b])
+            dh[s:e] = d @ w
+            dw.addmm_(d.T, h)
+        ctx.grads = (dh, dw)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        chosen, rejected = pol[0::2].contiguous(), pol[1::2].contiguous()          # [P] each
+        ctx.mark_non_differentiable(chosen, rejected)
+        return total, chosen, rejected
+
+    @staticmethod
+    def backward(ctx, g, _g_chosen, _g_rejected):
+        if ctx.grads is None:
+            raise RuntimeError("fused_dpo_loss: second backward through one forward (saved gradients were scaled in place)")
+        dh, dw = ctx.grads
+        if g != 1:  # scaled in place: a scaled copy would hold a second V x H float32 dW at peak
+            dh.mul_(g)
+            dw.mul_(g)
+            ctx.grads = None
+        return dh.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), *[None] * 9
+
+
+def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, beta, label_smoothing=0.0,
+                   loss_type="sigmoid", temperature=1.0, chunk=None):
+    """Mean over P pairs of losses.dpo_loss (sigmoid, cDPO via label_smoothing, IPO; Eq. 9 for
+    STaR-DPO), straight from the hidden states, gradients computed in forward (FusedDPOLoss).
+
+    hidden [N, H]: the positions that predict completion tokens, targets [N] those tokens
+    (IGNORE_INDEX rows count 0), seq [N] long: 2i on pair i's chosen rows, 2i + 1 on its rejected
+    rows; each pair's rows are contiguous and pairs come in order (seq non-decreasing), as a packed
+    [prompt | chosen | rejected] batch flattens. ref_chosen, ref_rejected [P]: the reference's
+    sequence log-probs (sums; per-token averages for ipo). Policy log-probs are sums of
+    log softmax(h @ W.T / T)[target] per completion (ipo: averages over its non-ignored rows).
+    Chunks hold whole pairs, about `chunk` rows of logits (default 2**27 // V rows, ~512 MiB); a
+    pair longer than that makes one larger chunk. Returns (loss, policy_chosen [P],
+    policy_rejected [P]), the log-probs detached, in float32 (float64 for float64 inputs)."""
+    if loss_type not in ("sigmoid", "ipo"):
+        raise ValueError(f"unknown DPO loss kind {loss_type!r} (sigmoid or ipo)")
+    P = len(ref_chosen)
+    if P == 0:
+        raise ValueError("fused_dpo_loss: no pairs (ref_chosen is empty)")
+    if not (seq.shape == targets.shape == hidden.shape[:1] and ref_rejected.shape == (P,)):
+        raise ValueError(f"fused_dpo_loss: shapes hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
+                         f"seq {tuple(seq.shape)}, ref {tuple(ref_chosen.shape)}/{tuple(ref_rejected.shape)} disagree")
+    if len(seq) and (bool((seq[1:] < seq[:-1]).any()) or int(seq[0]) < 0 or int(seq[-1]) >= 2 * P):
+        raise ValueError(f"fused_dpo_loss: seq must be non-decreasing in [0, {2 * P}) (2i: pair i's chosen, 2i + 1: rejected)")
+    return FusedDPOLoss.apply(hidden, weight, targets, seq, ref_chosen, ref_rejected, float(beta),
+                              float(label_smoothing), loss_type, float(temperature), _chunk_rows(weight, chunk))
+
+
+# ----------------------------------------------------------------------------------------------
 # Triton forward (CUDA; tested on CPU under TRITON_INTERPRET=1)
 
 if triton is not None:
@@ -267,21 +402,30 @@ def completion_logprob_sum(model, idx, valid, loss_mask):
     return fused_logprob_sum(h, model.lm_head.weight, tgt)
 
 
+def packed_pair_hidden(model, batch, pad_id):
+    """Pairs (examples with `prompt`, `completion` = chosen, `rejected`) through the model packed as
+    [prompt | chosen | rejected], each prompt computed once (data.PackedPairs): final hidden states
+    flattened [B * T, H], and the PackedPairs that index them."""
+    pk = packed_pair_batch([(e.prompt, e.completion, e.rejected) for e in batch], pad_id, model.lm_head.weight.device)
+    h = model.hidden(pk.idx, pos=pk.pos, attn_mask=pk.mask)                      # [B, T, H]
+    return h.flatten(0, 1), pk
+
+
 def pair_logps(model, batch, pad_id, average=False):
-    """Summed (or per-token averaged) completion log-probs of chosen and rejected [B] each, for
-    examples with `prompt`, `completion` (chosen) and `rejected` (DPO, Eq. 9)."""
-    dev = model.lm_head.weight.device
-    ex = [(e.prompt, e.completion) for e in batch] + [(e.prompt, e.rejected) for e in batch]
-    idx, valid, mask = prompt_completion_batch(ex, pad_id)
-    lp = sequence_logprobs(model, idx.to(dev), valid.to(dev), mask.to(dev)).sum(-1)
+    """Summed (or per-token averaged) completion log-probs of chosen and rejected [B] each (DPO,
+    Eq. 9), from one packed pass per batch: equal to running prompt + chosen and prompt + rejected
+    as separate sequences."""
+    h, pk = packed_pair_hidden(model, batch, pad_id)
+    lp = fused_logprobs(h[pk.src], model.lm_head.weight, pk.tgt)               # [n]
+    s = torch.zeros(2 * len(batch), dtype=lp.dtype, device=lp.device).index_add(0, pk.seq, lp)  # [2B]
     if average:
-        lp = lp / mask.sum(-1).to(dev)
-    return lp[:len(batch)], lp[len(batch):]
+        s = s / torch.bincount(pk.seq, minlength=2 * len(batch))
+    return s[0::2], s[1::2]
 
 
 def pair_rewards(model, batch, pad_id):
-    """Bradley-Terry rewards (Eq. 1) of chosen and rejected [B] each, from the scalar head."""
-    dev = model.lm_head.weight.device
-    idx, valid = pad([e.prompt + e.completion for e in batch] + [e.prompt + e.rejected for e in batch], pad_id)
-    r = model.reward(idx.to(dev), valid.to(dev))
-    return r[:len(batch)], r[len(batch):]
+    """Bradley-Terry rewards (Eq. 1) of chosen and rejected [B] each, from the scalar head on the
+    last chosen and the last rejected token of one packed pass."""
+    h, pk = packed_pair_hidden(model, batch, pad_id)
+    r = model.score(h[pk.last]).float().squeeze(-1)                             # [B, 2]
+    return r[:, 0], r[:, 1]

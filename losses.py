@@ -21,7 +21,8 @@ from tqdm import tqdm
 import dist
 from data import pad, prompt_completion_batch
 from files import atomic_write
-from kernels import completion_logprob_sum, fused_logprob_sum, pair_logps, pair_rewards
+from kernels import (completion_logprob_sum, fused_dpo_loss, fused_logprob_sum, packed_pair_hidden, pair_logps,
+                     pair_rewards)
 from model import Llama
 
 
@@ -84,16 +85,20 @@ def step_genrm(model, batch, pad_id):
 
 
 def make_step_dpo(beta, label_smoothing, loss_type):
-    """A DPO step (Eq. 9 for STaR-DPO) against the cached reference log-probs; correct = the
-    implicit reward margin h > 0."""
+    """A DPO step (Eq. 9 for STaR-DPO; dpo_loss's kinds) against the cached reference log-probs:
+    one packed [prompt | chosen | rejected] pass (each prompt computed once) into
+    kernels.fused_dpo_loss, which never holds the logits; correct = the implicit reward margin
+    h > 0."""
+    key = "avg" if loss_type == "ipo" else "sum"
+
     def step_dpo(model, batch, pad_id):
-        pc, pr = pair_logps(model, batch, pad_id, average=loss_type == "ipo")
-        key = "avg" if loss_type == "ipo" else "sum"
-        rc = torch.tensor([e.ref[key][0] for e in batch], device=pc.device)
-        rr = torch.tensor([e.ref[key][1] for e in batch], device=pc.device)
-        losses = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
+        h, pk = packed_pair_hidden(model, batch, pad_id)                         # [B * T, H]
+        rc = torch.tensor([e.ref[key][0] for e in batch], device=h.device)
+        rr = torch.tensor([e.ref[key][1] for e in batch], device=h.device)
+        loss, pc, pr = fused_dpo_loss(h[pk.src], model.lm_head.weight, pk.tgt, pk.seq, rc, rr, beta=beta,
+                                      label_smoothing=label_smoothing, loss_type=loss_type)
         correct = (((pc - rc) - (pr - rr)) > 0).sum()
-        return losses.sum(), correct
+        return loss * len(batch), correct                                       # the sum over the pairs
     return step_dpo
 
 
@@ -105,11 +110,14 @@ def step_bt(model, batch, pad_id):
 
 @torch.no_grad()
 def add_reference_logps(ref_path, examples, pad_id, cache_file, batch_size, dtype, device, progress=True):
-    """Reference log-probs of every DPO pair, computed once with the reference model, cached on
-    disk (keyed by a hash of the token ids) and attached to the examples; the reference model is
-    freed before training starts."""
-    h = hashlib.sha256(json.dumps([str(ref_path)] + [[e.prompt, e.completion, e.rejected] for e in examples])
-                       .encode()).hexdigest()
+    """Reference log-probs of every DPO pair, computed once with the reference model (one packed
+    pass per batch, each prompt once: kernels.pair_logps), cached on disk (keyed by a hash of the
+    reference, precision and token ids) and attached to the examples; the reference model is freed
+    before training starts. dtype torch.bfloat16: float32 weights under bf16 autocast, the
+    precision training runs in (fit), so the policy equals the reference at the first step (h = 0
+    up to rounding) rather than differing by bf16 noise; torch.float32: exact."""
+    key = [str(ref_path), str(dtype)] + [[e.prompt, e.completion, e.rejected] for e in examples]
+    h = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     cache_file = Path(cache_file)
     if cache_file.exists():
         saved = torch.load(cache_file)
@@ -122,13 +130,15 @@ def add_reference_logps(ref_path, examples, pad_id, cache_file, batch_size, dtyp
         dist.barrier()
 
     def compute():
-        ref = Llama.from_pretrained(ref_path, dtype=dtype, device=device).eval()
+        ref = Llama.from_pretrained(ref_path, dtype=torch.float32, device=device).eval()
+        bf16 = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
         def mine(exs):  # this rank's share of the pairs (dist.shard_map)
             out = []
             for s in tqdm(range(0, len(exs), batch_size), desc="reference log-probs", disable=not progress, leave=False):
                 b = exs[s:s + batch_size]
-                c, r = (x.cpu() for x in pair_logps(ref, b, pad_id))
+                with bf16:
+                    c, r = (x.cpu() for x in pair_logps(ref, b, pad_id))
                 out += [{"sum": (float(c[i]), float(r[i])),
                          "avg": (float(c[i]) / len(e.completion), float(r[i]) / len(e.rejected))}
                         for i, e in enumerate(b)]

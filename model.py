@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from files import atomic_write
@@ -123,6 +124,22 @@ def apply_rope(x, cos, sin):
     return (xf * cos + rot * sin).to(x.dtype)
 
 
+def _pack(w, rows: int):
+    """A copy of weight w [out, in] for `_linear` while sampling: on CPU prepacked for oneDNN's linear
+    (as inductor's CPU freezing does), which streams a weight 2-3x faster than F.linear's layout in
+    few-row matmuls and runs prefill faster too; `rows` is the expected row count. Elsewhere w itself."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return w.detach()
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+
+
+def _linear(x, w):
+    """x @ w.T for a weight from _pack."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
+    return F.linear(x, w)
+
+
 class KVCache(nn.Module):
     """Static preallocated cache [B, n_kv, S, hd]. Row b's token at position p lives in slot p."""
 
@@ -131,12 +148,16 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos, k, v):
-        # pos: [B, T] slots; k, v: [B, n_kv, T, hd] -> full caches [B, n_kv, S, hd]
-        b = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.k[b, :, pos] = k.transpose(1, 2)
-        self.v[b, :, pos] = v.transpose(1, 2)
-        return self.k, self.v
+    def update(self, where, k, v, rows, S):
+        # where: [B', n_kv, T] flat ids of the slots to write (Llama._hidden_cached); k, v: [B', n_kv, T, hd];
+        # rows [B'] the batch's cache rows (None: all, B' = B)
+        # -> this batch's keys and values over slots [0, S): [B', n_kv, S, hd] (views when rows is None)
+        hd = k.shape[-1]
+        self.k.view(-1, hd).index_copy_(0, where.flatten(), k.reshape(-1, hd))  # one small copy per tensor
+        self.v.view(-1, hd).index_copy_(0, where.flatten(), v.reshape(-1, hd))
+        if rows is None:
+            return self.k[:, :, :S], self.v[:, :, :S]
+        return self.k[rows, :, :S], self.v[rows, :, :S]
 
 
 class Attention(nn.Module):
@@ -149,18 +170,34 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(H, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, H, bias=False)
         self.cache: KVCache | None = None
+        self.wqkv = self.wo = None  # _pack'ed [q; k; v] and o weights while a cache is set up (sampling)
 
-    def forward(self, x, cos, sin, mask, pos):
+    def forward(self, x, cos, sin, mask, where=None, rows=None):
+        if self.cache is not None:  # where, rows: cache slots and rows (Llama._hidden_cached)
+            return self._cached(x, cos, sin, mask, where, rows)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # [B, nh, T, hd]
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
-            k, v = self.cache.update(pos, k, v)                            # [B, nkv, S, hd]
-            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]      # slots in use
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+    def _cached(self, x, cos, sin, mask, where, rows):
+        """KV-cache attention (sampling): one matmul for q, k, v, RoPE on q and k at once, and at
+        T = 1 the g = nh / nkv query heads of a kv head as g queries (no expanded k, v).
+        mask: additive float [B, 1, T, S']; where: flat cache slot ids [B, nkv, T] (KVCache.update)."""
+        B, T, _ = x.shape
+        nh, nkv, hd = self.nh, self.nkv, self.hd
+        qkv = _linear(x, self.wqkv).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, nh+2nkv, T, hd]
+        qk = apply_rope(qkv[:, :nh + nkv], cos, sin)
+        q, v = qk[:, :nh], qkv[:, nh + nkv:]                                # [B, nh, T, hd], [B, nkv, T, hd]
+        k, v = self.cache.update(where, qk[:, nh:], v, rows, mask.shape[-1])  # [B, nkv, S', hd]
+        if T == 1:  # query head h uses kv head h // g: [B, nkv, g, hd] attends like g tokens
+            y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
+        return _linear(y.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd), self.wo)
 
 
 class MLP(nn.Module):
@@ -169,8 +206,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.w13 = self.w2 = None  # _pack'ed [gate; up] and down weights while a cache is set up (sampling)
 
     def forward(self, x):
+        if self.w13 is not None:  # one matmul streams both weights (few-row decode is bandwidth-bound)
+            g, u = _linear(x, self.w13).chunk(2, dim=-1)
+            return _linear(F.silu(g) * u, self.w2)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
@@ -182,8 +223,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, pos)
+    def forward(self, x, cos, sin, mask, where=None, rows=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, where, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -206,20 +247,45 @@ class Llama(nn.Module):
         self.score = nn.Linear(cfg.hidden_size, 1, bias=False) if cfg.score_head else None
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.cache_len = 0
+        self.rope_cos = self.rope_sin = None  # [S, hd] float32 tables while a cache is set up
+        self.w_head = None                     # _pack'ed lm_head weight while a cache is set up
 
     # -- KV cache ------------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int):
-        """Allocate a static KV cache of `max_len` slots for `batch` rows (model dtype/device)."""
+        """Allocate a static KV cache of `max_len` slots for `batch` rows (model dtype/device), the
+        RoPE tables of its positions, and the sampling weights: fused [q; k; v] and [gate; up], all
+        block weights and lm_head prepacked for few-row matmuls (_pack). Those are copies that live
+        until clear_cache: weights must not change while a cache is set up (sampling does not train)."""
         p = self.lm_head.weight
+        freqs = torch.arange(max_len, device=p.device).float()[:, None] * self.inv_freq  # [S, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                                   # [S, hd]
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
         for blk in self.model.layers:
-            a = blk.self_attn
+            a, m = blk.self_attn, blk.mlp
             a.cache = KVCache(batch, a.nkv, max_len, a.hd, p.dtype, p.device)
+            a.wqkv = _pack(torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)), batch)
+            a.wo = _pack(a.o_proj.weight, batch)
+            m.w13, m.w2 = _pack(torch.cat((m.gate_proj.weight, m.up_proj.weight)), batch), _pack(m.down_proj.weight, batch)
+        self.w_head = _pack(p, batch)
         self.cache_len = max_len
 
     def clear_cache(self):
         for blk in self.model.layers:
-            blk.self_attn.cache = None
+            blk.self_attn.cache = blk.self_attn.wqkv = blk.self_attn.wo = blk.mlp.w13 = blk.mlp.w2 = None
         self.cache_len = 0
+        self.rope_cos = self.rope_sin = self.w_head = None
+
+    def head_logits(self, h):
+        """Float32 logits [..., V] of final hidden states h [..., H] while a cache is set up (the
+        prepacked lm_head)."""
+        return _linear(h, self.w_head).float()
+
+    def copy_cache_rows(self, src, dst, length: int):
+        """Copy slots [0, length) of cache rows `src` [R] into rows `dst` [R] (long indices)."""
+        for blk in self.model.layers:
+            c = blk.self_attn.cache
+            c.k[dst, :, :length] = c.k[src, :, :length]
+            c.v[dst, :, :length] = c.v[src, :, :length]
 
     def select_cache_rows(self, rows):
         """Keep (and reorder or repeat) the cache rows `rows` [R'] (long indices into the batch)."""
@@ -228,21 +294,24 @@ class Llama(nn.Module):
             c.k, c.v = c.k[rows], c.v[rows]
 
     # -- forward -------------------------------------------------------------------------------
-    def hidden(self, idx, *, pos=None, valid=None):
+    def hidden(self, idx, *, pos=None, valid=None, attn_mask=None, rows=None):
         """Final (normed) hidden states [B, T, H].
 
         Without a cache: causal attention over `idx`; `valid` [B, T] (1 = real token) masks padding
         keys (left or right padding), and positions default to the count of real tokens before
         each token. With a cache (`setup_cache`): `pos` [B, T] are the positions (= cache slots) of
-        the new tokens, each attends to slots <= its own position in its row.
+        the new tokens, each attends to slots <= its own position in its row, and `rows` [B] (long)
+        names the cache rows of the batch (default: all, in order). `attn_mask` [B, T, T]
+        bool (query, key; no cache) with explicit `pos` replaces the causal mask (packed pairs).
         """
         B, T = idx.shape
         dev = idx.device
         if self.cache_len:
             assert pos is not None, "cached forward needs explicit positions"
-            # attend over the slots in use only: [0, max position]
-            slots = torch.arange(int(pos.max()) + 1, device=dev)
-            mask = slots[None, None, :] <= pos[:, :, None]                      # [B, T, S']
+            return self._hidden_cached(idx, pos, rows)
+        if attn_mask is not None:
+            assert pos is not None, "an explicit attention mask needs explicit positions"
+            mask = attn_mask
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
             if valid is None:
@@ -260,7 +329,23 @@ class Llama(nn.Module):
         mask = mask[:, None]                                                     # [B, 1, T, S]
         x = self.model.embed_tokens(idx)                                         # [B, T, H]
         for blk in self.model.layers:
-            x = blk(x, cos, sin, mask, pos)
+            x = blk(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def _hidden_cached(self, idx, pos, rows):
+        """hidden() with the KV cache: RoPE rows from the tables setup_cache built, and one
+        additive mask over the slots in use, [0, max position], shared by all layers."""
+        cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]     # [B, 1, T, hd]
+        slots = torch.arange(int(pos.max()) + 1, device=idx.device)
+        mask = torch.zeros(*pos.shape, len(slots), dtype=self.lm_head.weight.dtype, device=idx.device)
+        mask = mask.masked_fill_(slots > pos[..., None], float("-inf"))[:, None]  # [B, 1, T, S']
+        nkv = self.config.num_key_value_heads
+        r = torch.arange(len(pos), device=idx.device) if rows is None else rows
+        heads = r[:, None] * nkv + torch.arange(nkv, device=idx.device)          # [B, nkv] (row, head)
+        where = (heads * self.cache_len)[:, :, None] + pos[:, None, :]            # [B, nkv, T] flat slot ids
+        x = self.model.embed_tokens(idx)                                         # [B, T, H]
+        for blk in self.model.layers:
+            x = blk(x, cos, sin, mask, where, rows)
         return self.model.norm(x)
 
     def forward(self, idx, *, pos=None, valid=None):
@@ -282,11 +367,7 @@ class Llama(nn.Module):
         """Load an HF-format directory (model.safetensors or sharded with an index), or the name
         `smollm2-135m-instruct`. Wrong shapes, missing and unexpected tensors are errors."""
         path = resolve_model(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file}: no config.json in model directory")
-        d = json.loads(cfg_file.read_text())
-        cfg = LlamaConfig.from_hf(d, str(cfg_file))
+        cfg = read_config(path)
         sd = load_state_dict(path)
         cfg.score_head = "score.weight" in sd if score_head is None else score_head
         with torch.device("meta"):
@@ -332,14 +413,50 @@ class Llama(nn.Module):
         atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
 
 
-def load_state_dict(path: Path) -> dict:
+def _read_json(f: Path) -> dict:
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a torn or hand-edited file: name it
+        raise ValueError(f"{f}: malformed JSON ({e})") from None
+
+
+def read_config(path: Path) -> LlamaConfig:
+    """config.json of an HF-format directory; missing or malformed: an error naming the file."""
+    f = Path(path) / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: no config.json in model directory")
+    return LlamaConfig.from_hf(_read_json(f), str(f))
+
+
+def weight_files(path: Path) -> list:
+    """The safetensors file(s) of an HF-format directory (one, or the shards its index names)."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.exists():
-        return load_file(str(single))
+        return [single]
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        sd = {}
-        for s in shards:
-            sd.update(load_file(str(path / s)))
-        return sd
+        return [path / s for s in sorted(set(_read_json(index).get("weight_map", {}).values()))]
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def check_pretrained(path) -> LlamaConfig:
+    """Read config.json and every safetensors header (which holds the tensor offsets, so a
+    truncated file shows here) without loading the weights: a run checks its model first."""
+    path = resolve_model(path)
+    cfg = read_config(path)
+    for f in weight_files(path):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
+    return cfg
+
+
+def load_state_dict(path: Path) -> dict:
+    sd = {}
+    for f in weight_files(path):
+        try:
+            sd.update(load_file(str(f)))
+        except SafetensorError as e:  # truncated or not a safetensors file: name it
+            raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
+    return sd

@@ -11,6 +11,9 @@ from tqdm import tqdm
 
 from model import Llama
 
+_TOP_K = (256, 4096)     # nucleus candidates tried with topk before a full sort of the vocabulary
+_MIN_SHARED_PREFIX = 16  # prompts of a call sharing at least this many leading tokens prefill them once
+
 
 @dataclass
 class Completion:
@@ -34,6 +37,77 @@ def _row_seed(seed, j):
     return (int(seed) * 1_000_003 + j) % (2 ** 63)
 
 
+def _sample_sorted(ps, order, p, u):
+    """Inverse-CDF sample from probabilities sorted descending ps [R, K] (ids order [R, K]) with
+    uniforms u [R]: top_p_filter's nucleus when p < 1 (the whole sorted list when p >= 1)."""
+    if p < 1.0:
+        ps = ps.masked_fill(ps.cumsum(-1) - ps > p, 0.0)     # top_p_filter's rule, strict '>'
+        ps = ps / ps.sum(-1, keepdim=True)
+    cdf = ps.cumsum(-1)
+    k = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)  # [R, 1]
+    return order.gather(1, k).squeeze(1)
+
+
+def pick_next(logits, temperature, top_p, u):
+    """Next token ids [R] from float32 logits [R, V] and one uniform per row u [R]: argmax at
+    temperature 0, else a sample from softmax(logits / temperature) restricted to the nucleus.
+
+    Exact nucleus without sorting the vocabulary: take the top K+1 tokens; where the mass strictly
+    before token K+1 already exceeds p, that token and every smaller one are dropped by the rule,
+    so the top K hold the whole nucleus in the order a full sort gives. Rows where they do not try
+    the next K of _TOP_K, then sort the whole vocabulary (every row when p >= 1). Same tokens as
+    the full sort, except for ties between equal probabilities (whose order neither sort defines)
+    and a uniform within float rounding of a CDF step (the nucleus mass is summed over K entries)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)                         # [R, V]
+    nxt = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+    todo = torch.arange(len(probs), device=probs.device)                    # rows still to sample
+    for K in _TOP_K if top_p < 1.0 else ():
+        if K + 1 >= probs.shape[-1] or not len(todo):
+            break
+        ps, order = probs[todo].topk(K + 1, dim=-1)                         # [R', K+1] descending
+        before = ps.cumsum(-1)[:, K] - ps[:, K]                             # mass before token K+1, as the rule sums it
+        ok = before.gt(top_p) & ps[:, :K].sum(-1).gt(top_p)                 # the nucleus lies in the top K
+        nxt[todo[ok]] = _sample_sorted(ps[ok, :K], order[ok, :K], top_p, u[todo[ok]])
+        todo = todo[~ok]
+    if len(todo):
+        nxt[todo] = _sample_sorted(*probs[todo].sort(-1, descending=True), top_p, u[todo])
+    return nxt
+
+
+def _shared_prefix(prompts):
+    """Length of the leading tokens all prompts share, leaving each prompt one token of its own."""
+    if len(prompts) < 2:
+        return 0
+    L = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        L = next((t for t in range(L) if p[t] != first[t]), L)
+    return L if L >= _MIN_SHARED_PREFIX else 0
+
+
+def prefill(model, prompts, rows, start):
+    """Prefill tokens [start:] of each prompt (slots [0, start) of the rows already hold a shared
+    prefix) into cache rows `rows` [R]. Returns float32 logits [R, V] after each prompt's last token.
+    Right padding writes junk into slots past a prompt, which decoding overwrites before reading."""
+    dev = rows.device
+    lens = torch.tensor([len(p) - start for p in prompts], device=dev)
+    T = int(lens.max())
+    idx = torch.zeros(len(prompts), T, dtype=torch.long, device=dev)
+    for r, p in enumerate(prompts):
+        idx[r, :len(p) - start] = torch.tensor(p[start:], device=dev)
+    pos = start + torch.arange(T, device=dev)[None].expand(len(prompts), T)
+    h = model.hidden(idx, pos=pos, rows=rows)                              # [R, T, H]
+    return model.head_logits(h[torch.arange(len(prompts), device=dev), lens - 1])  # [R, V]
+
+
+def decode_one(model, tok, pos):
+    """One decode step of every cache row: token ids [B] at positions [B] -> float32 logits [B, V]."""
+    h = model.hidden(tok[:, None], pos=pos[:, None])                        # [B, 1, H]
+    return model.head_logits(h[:, 0])
+
+
 @torch.no_grad()
 def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(),
              seed=0, prompt_batch=8, progress=True):
@@ -47,14 +121,19 @@ def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top
     Seeds: `seed` is an int (prompt i uses seed + i) or a list with one seed per prompt; sample j
     of a prompt draws from its own generator keyed by (prompt seed, j), so results do not depend
     on `prompt_batch` or on which prompts share a batch (up to float tolerance).
-    The prompts are prefilled once per chunk of `prompt_batch`; each prompt's cache is then copied
-    into n rows. Finished rows are dropped from the batch.
+
+    Work: the (prompt, sample) pairs, in order, run in prompt_batch * n cache rows (continuous
+    batching): a row whose sample ends takes the next pending pair. A prompt is prefilled once,
+    its cache copied to the rows of its other samples; a leading token prefix all prompts share
+    (a judge system prompt) is prefilled once for the call.
     """
     if not prompts:
         return []
     seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     limit = model.config.max_position_embeddings
     for i, p in enumerate(prompts):
         if not p:
@@ -62,73 +141,107 @@ def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top
         if len(p) + max_new_tokens > limit:
             raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds the "
                              f"model's {limit} positions")
-    out = []
     bar = tqdm(total=len(prompts) * n, desc="sampling", unit="seq", disable=not progress, leave=False)
-    for s in range(0, len(prompts), prompt_batch):
-        out += _generate_chunk(model, prompts[s:s + prompt_batch], seeds[s:s + prompt_batch], n,
-                               max_new_tokens, temperature, top_p, set(stop_ids), bar)
+    res = _run(model, prompts, seeds, n, max_new_tokens, temperature, top_p, set(stop_ids), prompt_batch, bar)
     bar.close()
-    return out
+    return res
 
 
-def _generate_chunk(model, prompts, seeds, n, max_new, temperature, top_p, stop, bar):
+@dataclass
+class _Rows:
+    """State of the cache rows in the decode loop (B rows)."""
+    unit: list            # (prompt, sample) each row runs, None when free
+    held: list            # prompt whose cache slots [0, len) each row holds
+    toks: list            # sampled ids of each row's sample
+    lps: list             # their log-probs
+    logits: torch.Tensor  # [B, V] float32 next-token logits
+    pos: torch.Tensor     # [B] next position (cache slot)
+    U: torch.Tensor       # [B, max_new] each row's uniforms, one per step
+
+    def keep(self, ki):
+        """Keep rows ki (a list) in order."""
+        self.unit, self.held, self.toks, self.lps = ([x[b] for b in ki] for x in (self.unit, self.held, self.toks, self.lps))
+        t = torch.tensor(ki, device=self.pos.device)
+        self.logits, self.pos, self.U = self.logits[t], self.pos[t], self.U[t]
+
+
+def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_batch, bar):
     dev = model.lm_head.weight.device
-    P = len(prompts)
-    lens = torch.tensor([len(p) for p in prompts], device=dev)
-    S = int(lens.max()) + max_new
-    # prefill: right-padded prompts; a padding token writes junk into a slot beyond its row's
-    # prompt, which no real token attends to and which decoding overwrites before it is read
-    model.setup_cache(P, S)
-    T = int(lens.max())
-    idx = torch.zeros(P, T, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        idx[i, :len(p)] = torch.tensor(p, device=dev)
-    pos = torch.arange(T, device=dev)[None].expand(P, T)
-    h = model.hidden(idx, pos=pos)                                        # [P, T, H]
-    logits = model.lm_head(h[torch.arange(P, device=dev), lens - 1]).float()  # [P, V]
-    # n rows per prompt share the prefill
-    model.select_cache_rows(torch.arange(P, device=dev).repeat_interleave(n))
-    logits = logits.repeat_interleave(n, 0)                               # [R, V]
-    pos = lens.repeat_interleave(n)                                       # next position per row
-    R = P * n
-    gens = [torch.Generator().manual_seed(_row_seed(seeds[r // n], r % n)) for r in range(R)]
-    toks = [[] for _ in range(R)]
-    lps = [[] for _ in range(R)]
-    finish = ["length"] * R
-    alive = list(range(R))                                                # row ids still running
-    for step in range(max_new):
-        logp = torch.log_softmax(logits, -1)                              # [A, V] at temperature 1
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, -1)
-            ps, order = top_p_filter(probs, top_p) if top_p < 1.0 else probs.sort(-1, descending=True)
-            cdf = ps.cumsum(-1).cpu()
-            u = torch.stack([torch.rand(1, generator=gens[r]) for r in alive])  # [A, 1]
-            k = torch.searchsorted(cdf, u * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1).to(dev)
-            nxt = order.gather(1, k).squeeze(1)
-        nlp = logp.gather(1, nxt[:, None]).squeeze(1)
-        keep = []
-        for a, r in enumerate(alive):
-            t = int(nxt[a])
-            toks[r].append(t)
-            lps[r].append(float(nlp[a]))
-            if t in stop:
-                finish[r] = "stop"
+    work = [(i, j) for i in range(len(prompts)) for j in range(n)]          # in order
+    B = min(prompt_batch * n, len(work))
+    model.setup_cache(B, max(len(p) for p in prompts) + max_new)
+    L = _shared_prefix(prompts)
+    if L:  # the shared prefix once into row 0, then copied to every row; no row overwrites it
+        prefill(model, [prompts[0][:L]], torch.zeros(1, dtype=torch.long, device=dev), 0)
+        model.copy_cache_rows(torch.zeros(B - 1, dtype=torch.long, device=dev), torch.arange(1, B, device=dev), L)
+    rows = _Rows([None] * B, [None] * B, [None] * B, [None] * B,
+                 torch.zeros(B, model.config.vocab_size, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
+                 torch.zeros(B, max_new, device=dev))
+    res = [[None] * n for _ in prompts]
+    plog = {}                    # prompt -> logits after its last token, while samples of it wait
+    done = 0                     # work admitted so far
+    while True:
+        done = _admit(model, prompts, seeds, work, done, rows, plog, L)
+        step = torch.tensor([len(t) if t is not None else 0 for t in rows.toks], device=dev).clamp(max=max_new - 1)
+        nxt = pick_next(rows.logits, temperature, top_p, rows.U.gather(1, step[:, None]).squeeze(1))  # [B]
+        nlp = torch.log_softmax(rows.logits, -1).gather(1, nxt[:, None]).squeeze(1)  # at temperature 1
+        for b, (t, lp) in enumerate(zip(nxt.tolist(), nlp.tolist())):
+            if rows.unit[b] is None:
+                continue
+            rows.toks[b].append(t)
+            rows.lps[b].append(lp)
+            if t in stop or len(rows.toks[b]) == max_new:
+                i, j = rows.unit[b]
+                res[i][j] = Completion(rows.toks[b], rows.lps[b], "stop" if t in stop else "length")
+                rows.unit[b] = None
+                rows.pos[b] = len(prompts[i])  # a free row decodes junk into a slot past its prompt
                 bar.update(1)
-            else:
-                keep.append(a)
-        if step == max_new - 1 or not keep:
-            bar.update(len(keep))
-            break
-        if len(keep) < len(alive):                                        # drop finished rows
-            ki = torch.tensor(keep, device=dev)
-            model.select_cache_rows(ki)
-            nxt, pos = nxt[ki], pos[ki]
-            alive = [alive[a] for a in keep]
-        h = model.hidden(nxt[:, None], pos=pos[:, None])                  # [A, 1, H]
-        logits = model.lm_head(h[:, 0]).float()
-        pos = pos + 1
+        if done == len(work) and None in rows.unit:  # nothing pending: drop the free rows
+            ki = [b for b, u in enumerate(rows.unit) if u is not None]
+            if not ki:
+                break
+            model.select_cache_rows(torch.tensor(ki, device=dev))
+            nxt = nxt[torch.tensor(ki, device=dev)]
+            rows.keep(ki)
+        rows.logits = decode_one(model, nxt, rows.pos)                      # [B, V]
+        rows.pos = rows.pos + 1
     model.clear_cache()
-    res = [Completion(toks[r], lps[r], finish[r]) for r in range(R)]
-    return [res[i * n:(i + 1) * n] for i in range(P)]
+    return res
+
+
+def _admit(model, prompts, seeds, work, done, rows, plog, L):
+    """Put pending work (work[done:]) into the free rows. A row takes a sample of a prompt its cache
+    already holds, or a copy of another row's, or, for a prompt no row holds, a prefill (one call
+    for the prompts admitted together). Returns the new count of admitted work."""
+    dev = rows.pos.device
+    free = [b for b, u in enumerate(rows.unit) if u is None]
+    placed = work[done:done + len(free)]
+    at = []                       # the row of each placed (prompt, sample)
+    for i, j in placed:
+        b = next((b for b in free if rows.held[b] == i), free[0])
+        free.remove(b)
+        if rows.held[b] != i:
+            rows.held[b] = None   # its cache is about to hold another prompt
+        rows.unit[b], rows.toks[b], rows.lps[b] = (i, j), [], []
+        g = torch.Generator().manual_seed(_row_seed(seeds[i], j))
+        rows.U[b] = torch.rand(rows.U.shape[1], generator=g)  # the same stream as one draw per step
+        at.append(b)
+    fresh = {}                    # prompt no row holds -> the row it is prefilled into
+    for (i, _), b in zip(placed, at):
+        if i not in rows.held and i not in fresh:
+            fresh[i] = b
+    if fresh:
+        lg = prefill(model, [prompts[i] for i in fresh], torch.tensor(list(fresh.values()), device=dev), L)
+        for (i, b), x in zip(fresh.items(), lg):
+            rows.held[b], plog[i] = i, x
+    last = work[-1][1]            # a prompt's last sample index (n - 1)
+    for (i, j), b in zip(placed, at):
+        if rows.held[b] != i:
+            src = torch.tensor([rows.held.index(i)], device=dev)
+            model.copy_cache_rows(src, torch.tensor([b], device=dev), len(prompts[i]))
+            rows.held[b] = i
+        rows.logits[b], rows.pos[b] = plog[i], len(prompts[i])
+    for i, j in placed:
+        if j == last:             # every sample of prompt i is running
+            del plog[i]
+    return done + len(placed)

@@ -22,13 +22,13 @@ import torch
 
 import dist
 import genrm
-from data import LoadStats, load_pairs, load_tokenizer, pair_examples, sft_examples
-from eval import judge_report
+from data import LoadStats, load_completions, load_pairs, load_tokenizer, pair_examples, sft_examples
+from eval import HelpFormatter, judge_report, number
 from files import read_jsonl, write_json, write_jsonl
-from fit import TrainConfig, fit, micro_batches, save_model
+from fit import TrainConfig, fit, micro_batches, prune_checkpoints, save_model
 from gguf import DEFAULT_MODEL
 from losses import add_reference_logps, make_step_dpo, step_bt, step_genrm, step_sft
-from model import Llama
+from model import Llama, check_pretrained
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TRAIN = HERE / "assets" / "data" / "train_small.jsonl"
@@ -71,13 +71,16 @@ class RunConfig:
     max_new_tokens: int = 64
     rationalize: bool = False
     ref_from_previous: bool = False
+    star_both_orders: bool = False   # sample each pair in both A/B orders (pairs that hit the position bias)
+    verdict_temperature: float = 1.0  # forced verdicts during STaR sampling drawn at this temperature
     eval_samples: int = 1
     # runtime
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "float32"
+    dtype: str = "bfloat16"          # training: bf16 autocast on float32 master weights (faster here); float32: exact
     threads: int | None = None
     no_progress: bool = False
+    keep_checkpoints: bool = False   # a finished stage keeps its ckpt-* (model + optimizer state) too
 
     @property
     def progress(self) -> bool:
@@ -87,14 +90,14 @@ class RunConfig:
         return TrainConfig(lr=self.lr if self.lr is not None else LR[self.method], epochs=self.epochs,
                            batch_size=self.batch_size, grad_accum=self.grad_accum, warmup=self.warmup,
                            weight_decay=self.weight_decay, clip=self.clip, seed=self.seed,
-                           save_every=self.save_every, max_steps=self.max_steps, progress=self.progress)
+                           save_every=self.save_every, max_steps=self.max_steps, progress=self.progress,
+                           bf16=self.dtype == "bfloat16")
 
 
 def load_model(cfg: RunConfig, path, score_head=None):
-    """The model to train: float32 parameters (on CUDA, bf16 compute comes from autocast) unless
-    --dtype bfloat16."""
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    return Llama.from_pretrained(path, dtype=dtype, device=cfg.device, score_head=score_head)
+    """The model to train: float32 parameters (master weights, optimizer state) whatever --dtype;
+    --dtype bfloat16 trains them under bf16 autocast (fit), --dtype float32 is exact float32."""
+    return Llama.from_pretrained(path, dtype=torch.float32, device=cfg.device, score_head=score_head)
 
 
 def load_sampler(cfg: RunConfig, path):
@@ -107,6 +110,9 @@ def train_on(cfg: RunConfig, model_path, rows, out_dir, tok, objective, ref_path
     """Train `model_path` on rows with one objective (a METHODS name); the result goes to
     out_dir/model. DPO objectives first attach the reference log-probs of `ref_path`."""
     out_dir = Path(out_dir)
+    if (out_dir / "model" / "config.json").exists():  # finished, its checkpoints pruned: a resume skips it
+        mf = out_dir / "train" / "metrics.jsonl"
+        return [r for _, r in read_jsonl(mf)] if mf.exists() else []
     st = LoadStats(read=len(rows))
     if objective in ("sft", "star_sft", "rationalizer"):
         ex, step = sft_examples(tok, rows, cfg.max_len, st), step_sft
@@ -121,7 +127,8 @@ def train_on(cfg: RunConfig, model_path, rows, out_dir, tok, objective, ref_path
     if not ex:
         raise SystemExit(f"{objective}: no training examples left ({st})")
     if objective in ("dpo", "star_dpo"):
-        add_reference_logps(ref_path, ex, tok.pad_id, out_dir / "ref_logps.pt", cfg.batch_size, torch.float32,
+        ref_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # the precision training runs in
+        add_reference_logps(ref_path, ex, tok.pad_id, out_dir / "ref_logps.pt", cfg.batch_size, ref_dtype,
                             cfg.device, progress=cfg.progress)
     model = dist.shard(load_model(cfg, model_path, score_head=True if objective == "bt_rm" else None))
     tcfg = cfg.train_config()
@@ -129,6 +136,8 @@ def train_on(cfg: RunConfig, model_path, rows, out_dir, tok, objective, ref_path
     if cfg.max_steps is not None and len(hist) < math.ceil(len(micro_batches(len(ex), tcfg)) / cfg.grad_accum):
         raise SystemExit(f"stopped at --max-steps {cfg.max_steps}; run again with --resume to finish")
     save_model(model, out_dir / "model", tok)
+    if not cfg.keep_checkpoints:  # the stage is done: its final model is all a resume or a user needs
+        prune_checkpoints(out_dir / "train")
     return hist
 
 
@@ -158,7 +167,8 @@ def star(cfg: RunConfig, pairs, tok, run_dir, log=print):
         trained = (it_dir / "model" / "config.json").exists()
         samples = _artefact(run_dir / f"samples_{i}.jsonl", "samples", lambda: genrm.sample_rationales(
             load_sampler(cfg, latest), tok, split, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed * 1000 + i, progress=cfg.progress), skip=trained)
+            seed=cfg.seed * 1000 + i, both_orders=cfg.star_both_orders, verdict_temperature=cfg.verdict_temperature,
+            progress=cfg.progress), skip=trained)
         if cfg.method == "star_sft":
             def keep_correct():
                 rows = genrm.star_sft_examples(samples)
@@ -196,58 +206,141 @@ def _held_out_accuracy(cfg, model_path, pairs, tok, title):
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+# RunConfig fields a resume may change: they do not change what the run computes
+_RESUME_FREE = ("out", "resume", "device", "threads", "no_progress", "max_steps", "save_every", "keep_checkpoints")
+_KEEPS = """what a run directory keeps: args.json (the arguments, written once the inputs are read), metrics.jsonl,
+report.json, the STaR artefacts and each stage's final model (model/, or iter_{i}/model/ for STaR). While a
+stage trains, its last two checkpoints train/ckpt-NNNNNN/ (model plus optimizer state, about 3x the model's
+size each) let --resume continue it; they are deleted once the stage has written its model, unless
+--keep-checkpoints."""
 
 
 def parse_args(argv=None) -> RunConfig:
     D = RunConfig()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                                 epilog=_KEEPS)
     ap.add_argument("--method", choices=METHODS, default=D.method, help="objective (see above)")
     ap.add_argument("--model", default=D.model, help="HF-format directory or 'smollm2-135m-instruct'")
     ap.add_argument("--data", default=D.data, help="training JSONL (pairs; for sft also {messages|prompt, completion})")
     ap.add_argument("--eval-data", default=D.eval_data, help="held-out pairs for before/after accuracy")
-    ap.add_argument("--limit", type=int, default=D.limit, help="seeded subset of the training pairs")
-    ap.add_argument("--eval-limit", type=int, default=D.eval_limit, help="seeded subset of the held-out pairs")
+    ap.add_argument("--limit", type=number(int, 1), default=D.limit, help="seeded subset of the training pairs")
+    ap.add_argument("--eval-limit", type=number(int, 1), default=D.eval_limit, help="seeded subset of the held-out pairs")
     ap.add_argument("--no-eval", action="store_true", help="skip the before/after judge evaluation")
     ap.add_argument("--out", default=D.out, help="run directory (default runs/<method>)")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run in --out where it stopped, with the arguments it was started with")
     g = ap.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, default=D.lr, help="peak learning rate (default per method: "
+    g.add_argument("--lr", type=number(float, above=0), default=D.lr, help="peak learning rate (default per method: "
                    + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")")
-    g.add_argument("--epochs", type=int, default=D.epochs, help="epochs over each (STaR: each iteration's) data")
-    g.add_argument("--batch-size", type=int, default=D.batch_size, help="examples (pairs) per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=D.grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--warmup", type=float, default=D.warmup, help="linear warmup, fraction of steps; then cosine")
-    g.add_argument("--weight-decay", type=float, default=D.weight_decay, help="AdamW weight decay")
-    g.add_argument("--clip", type=float, default=D.clip, help="gradient-norm clip")
-    g.add_argument("--max-len", type=int, default=D.max_len, help="longer examples are skipped and counted")
-    g.add_argument("--save-every", type=int, default=D.save_every, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--max-steps", type=int, default=D.max_steps, help="stop after N steps (resume later)")
+    g.add_argument("--epochs", type=number(int, 1), default=D.epochs, help="epochs over each (STaR: each iteration's) data")
+    g.add_argument("--batch-size", type=number(int, 1), default=D.batch_size, help="examples (pairs) per micro-batch")
+    g.add_argument("--grad-accum", type=number(int, 1), default=D.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--warmup", type=number(float, 0, high=1), default=D.warmup,
+                   help="linear warmup, fraction of steps; then cosine")
+    g.add_argument("--weight-decay", type=number(float, 0), default=D.weight_decay, help="AdamW weight decay")
+    g.add_argument("--clip", type=number(float, above=0), default=D.clip, help="gradient-norm clip")
+    g.add_argument("--max-len", type=number(int, 1), default=D.max_len, help="longer examples are skipped and counted")
+    g.add_argument("--save-every", type=number(int, 0), default=D.save_every,
+                   help="checkpoint every N steps (and at the end; 0: only at the end)")
+    g.add_argument("--max-steps", type=number(int, 1), default=D.max_steps, help="stop after N steps (resume later)")
     g = ap.add_argument_group("DPO")
-    g.add_argument("--beta", type=float, default=D.beta, help="DPO beta (Eq. 9)")
-    g.add_argument("--label-smoothing", type=float, default=D.label_smoothing, help="cDPO epsilon")
+    g.add_argument("--beta", type=number(float, above=0), default=D.beta, help="DPO beta (Eq. 9)")
+    g.add_argument("--label-smoothing", type=number(float, 0, high=0.5), default=D.label_smoothing, help="cDPO epsilon")
     g.add_argument("--loss", dest="loss_type", choices=("sigmoid", "ipo"), default=D.loss_type,
                    help="DPO loss: sigmoid (DPO/cDPO) or ipo")
     g = ap.add_argument_group("STaR")
-    g.add_argument("--iterations", type=int, default=D.iterations, help="STaR iterations = disjoint splits (paper: 3)")
-    g.add_argument("--samples-per-prompt", type=int, default=D.samples_per_prompt,
+    g.add_argument("--iterations", type=number(int, 1), default=D.iterations,
+                   help="STaR iterations = disjoint splits (paper: 3)")
+    g.add_argument("--samples-per-prompt", type=number(int, 1), default=D.samples_per_prompt,
                    help="rationales sampled per pair and iteration")
-    g.add_argument("--pairs-per-prompt", type=int, default=D.pairs_per_prompt,
+    g.add_argument("--pairs-per-prompt", type=number(int, 1), default=D.pairs_per_prompt,
                    help="STaR-DPO (correct, incorrect) pairs per prompt")
-    g.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens, help="rationale length cap when sampling")
+    g.add_argument("--max-new-tokens", type=number(int, 1), default=D.max_new_tokens,
+                   help="rationale length cap when sampling")
     g.add_argument("--rationalize", action="store_true", help="STaR-SFT: add Fig. 7 rationales for pairs the model got wrong")
+    g.add_argument("--star-both-orders", action="store_true",
+                   help="STaR: sample each pair with the chosen answer as A and as B (default: one seeded order)")
+    g.add_argument("--verdict-temperature", type=number(float, above=0), default=D.verdict_temperature,
+                   help="STaR: temperature of the forced verdict drawn from P(A), P(B) when a rationale has none")
     g.add_argument("--ref-from-previous", action="store_true",
                    help="STaR-DPO reference = previous iteration's model (default: base)")
-    g.add_argument("--eval-samples", type=int, default=D.eval_samples, help="CoT samples per held-out judgement (maj@N)")
+    g.add_argument("--eval-samples", type=number(int, 1), default=D.eval_samples,
+                   help="CoT samples per held-out judgement (maj@N)")
     g = ap.add_argument_group("runtime")
     g.add_argument("--seed", type=int, default=D.seed, help="seed for splits, A/B orders, sampling and data order")
     g.add_argument("--device", default=D.device, help="cpu or cuda")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=D.dtype,
-                   help="parameter dtype; on CUDA float32 parameters train under bf16 autocast")
-    g.add_argument("--threads", type=int, default=D.threads, help="torch CPU threads (default: torch's)")
+                   help="bfloat16: train under bf16 autocast on float32 master weights and optimizer, "
+                        "sample in bf16; float32: exact float32 everywhere (oracle runs)")
+    g.add_argument("--threads", type=number(int, 1), default=D.threads, help="torch CPU threads (default: torch's)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    return RunConfig(**vars(ap.parse_args(argv)))
+    g.add_argument("--keep-checkpoints", action="store_true",
+                   help="a finished stage keeps its last two checkpoints (model + optimizer state) beside its model")
+    a = ap.parse_args(argv)
+    if a.method == "star_dpo" and a.samples_per_prompt < 2:
+        ap.error("argument --samples-per-prompt: star_dpo needs >= 2 (a pair is a right and a wrong rationale)")
+    return RunConfig(**vars(a))
+
+
+def _resume_conflicts(cfg: RunConfig, old: dict) -> list:
+    """The flags whose value differs from the run's args.json, as '--flag OLD -> NEW' (fields the
+    file predates compare against their default; the learning rate by its effective value)."""
+    new, default = asdict(cfg), asdict(RunConfig())
+    out = []
+    for k, v in new.items():
+        was = old.get(k, default[k])
+        if k == "lr":  # None: the method's default
+            v, was = (x if x is not None else LR[cfg.method] for x in (v, was))
+        if k not in _RESUME_FREE and v != was:
+            out.append(f"--{'loss' if k == 'loss_type' else k.replace('_', '-')} {was} -> {v}")
+    return out
+
+
+def _check_run_dir(cfg: RunConfig, out: Path):
+    """A new run needs an empty --out; --resume needs the arguments the run was started with
+    (args.json is the run's record and is never rewritten). Refusals are SystemExit(one line)."""
+    args_f = out / "args.json"
+    if out.exists() and any(out.iterdir()) and not cfg.resume:
+        raise SystemExit(f"{out} exists and is not empty: pass --resume to continue it or --out for a new run")
+    if cfg.resume and args_f.exists():
+        try:
+            old = json.loads(args_f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SystemExit(f"error: {args_f}: malformed JSON ({e})") from None
+        diff = _resume_conflicts(cfg, old)
+        if diff:
+            raise SystemExit(f"error: --resume with arguments that change the run in {out} ({args_f}): "
+                             + "; ".join(diff) + ". Resume with the original arguments, or start a new --out")
+
+
+def _read_inputs(cfg: RunConfig):
+    """Every input of a run, checked before anything is written: the model (config.json and the
+    safetensors headers), its tokenizer, the training data (pairs, or for sft completion rows),
+    the held-out pairs. Returns (tok, rows, held-out pairs or None); a bad input is a one-line
+    SystemExit naming the file (and line)."""
+    try:
+        check_pretrained(cfg.model)
+        tok = load_tokenizer(cfg.model)
+        st = LoadStats()
+        first = next((r for _, r in read_jsonl(cfg.data)), None)
+        if cfg.method == "sft" and first is not None and "completion" in first:  # {messages|prompt, completion}
+            rows = load_completions(cfg.data, limit=cfg.limit, seed=cfg.seed, stats=st)
+        else:
+            rows = load_pairs(cfg.data, limit=cfg.limit, seed=cfg.seed, stats=st)
+        print(f"{cfg.data}: {st}")
+        if not rows:
+            raise ValueError(f"{cfg.data}: nothing to train on ({st})")
+        if cfg.method in ("star_sft", "star_dpo") and cfg.iterations > len(rows):
+            raise ValueError(f"{cfg.data}: {len(rows)} pairs cannot make --iterations {cfg.iterations} disjoint splits")
+        heldout = None
+        if not cfg.no_eval and cfg.method != "bt_rm":
+            est = LoadStats()
+            heldout = load_pairs(cfg.eval_data, limit=cfg.eval_limit, seed=cfg.seed, stats=est)
+            if not heldout:
+                raise ValueError(f"{cfg.eval_data}: no held-out pairs ({est})")
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    return tok, rows, heldout
 
 
 def main(argv=None):
@@ -256,28 +349,20 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out or f"runs/{cfg.method}")
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise SystemExit(f"{out} exists and is not empty: pass --resume to continue it or --out for a new run")
+    _check_run_dir(cfg, out)
+    tok, rows, heldout = _read_inputs(cfg)
+    pairs = rows
     rank, world = dist.init()  # torchrun: FSDP2 training, data-parallel sampling and eval
     dist.barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(asdict(cfg), indent=2))
+        if not (out / "args.json").exists():  # a resume keeps the record it was checked against
+            write_json(out / "args.json", asdict(cfg))
         print(f"run directory: {out}" + (f"  ({world} ranks)" if world > 1 else ""))
     dist.barrier()
     t0 = time.time()
-    tok = load_tokenizer(cfg.model)
-    st = LoadStats()
-    if cfg.method == "sft" and "completion" in next(read_jsonl(cfg.data))[1]:
-        pairs = rows = [r for _, r in read_jsonl(cfg.data)]           # {messages|prompt, completion}
-        print(f"{cfg.data}: {len(rows)} rows")
-    else:
-        pairs = rows = load_pairs(cfg.data, limit=cfg.limit, seed=cfg.seed, stats=st)
-        print(f"{cfg.data}: {st}")
-    heldout = None
     report = {"method": cfg.method, "run_dir": str(out)}
-    if not cfg.no_eval and cfg.method != "bt_rm":
-        heldout = load_pairs(cfg.eval_data, limit=cfg.eval_limit, seed=cfg.seed)
+    if heldout is not None:
         report["before"] = dist.once(out / "eval_before.json",
                                      lambda: _held_out_accuracy(cfg, cfg.model, heldout, tok, "before"),
                                      write_json, lambda p: json.loads(p.read_text()))

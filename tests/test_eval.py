@@ -4,6 +4,8 @@ import json
 import pytest
 
 import eval as E
+import scores as S
+import stats
 from conftest import CharTok, tiny_model
 from data import Pair
 
@@ -19,7 +21,7 @@ def votes(*vs):
 def test_always_a_judge_scores_half_with_both_orders():
     pairs = [P(i, "chat") for i in range(6)]
     recs = [{"id": p.id, "category": p.category, "order": {"A": votes("A"), "B": votes("A")}} for p in pairs]
-    s = E.summarize(pairs, recs)
+    s = S.summarize(pairs, recs)
     assert s["per_category"]["all"]["maj@N"] == 0.5
     assert s["position"] == {"acc_chosen_as_A": 1.0, "acc_chosen_as_B": 0.0, "swap_consistency": 0.0}
 
@@ -37,7 +39,7 @@ def test_planted_accuracy_sections_and_swap_consistency():
     ]
     for p, r in zip(pairs, recs):
         r.update(id=p.id, category=p.category)
-    s = E.summarize(pairs, recs)
+    s = S.summarize(pairs, recs)
     pc = s["per_category"]
     assert pc["chat"]["maj@N"] == 0.5 and pc["chat"]["maj@1"] == 0.5 and pc["chat"]["longer"] == 0.5
     assert pc["safety"]["maj@N"] == 0.5 and pc["safety"]["maj@1"] == 1.0
@@ -62,7 +64,7 @@ def test_pooled_over_both_orders_cancels_position_bias():
             {"order": {"A": votes("A", "A"), "B": votes("A", "A")}}]               # always A: 2 of 4
     for p, r in zip(pairs, recs):
         r.update(id=p.id, category=p.category)
-    s = E.summarize(pairs, recs)
+    s = S.summarize(pairs, recs)
     # by hand: 1, 0, 0.5 (exact tie), 1 (3 of 5 votes), 0.5
     assert s["per_category"]["all"]["pooled"] == pytest.approx((1 + 0 + 0.5 + 1 + 0.5) / 5)
     assert s["per_category"]["all"]["maj@N"] == 0.5  # each pair right in one order only (or a tie)
@@ -71,7 +73,7 @@ def test_pooled_over_both_orders_cancels_position_bias():
 def test_bt_accuracy_from_rewards():
     pairs = [P(i, "chat") for i in range(4)]
     recs = [{"id": str(i), "category": "chat", "margin": m} for i, m in enumerate([0.3, -0.1, 2.0, 0.0])]
-    s = E.summarize(pairs, recs)
+    s = S.summarize(pairs, recs)
     assert s["per_category"]["all"]["maj@N"] == 0.5 and "position" not in s
 
 
@@ -103,3 +105,47 @@ def test_judgements_do_not_depend_on_batch_size():
                     assert abs(x["order"][k]["p"] - y["order"][k]["p"]) < 1e-5
         else:
             assert a == b
+
+
+def test_intervals_and_per_pair_scores_kept_for_paired_comparisons():
+    pairs = [P(i, "chat") for i in range(4)] + [P(4, "safety", chosen="c", rejected="rrr")]
+    recs = [{"order": {"A": votes("A"), "B": votes("B")}},   # 1
+            {"order": {"A": votes("A"), "B": votes("A")}},   # 0.5
+            {"order": {"A": votes("B"), "B": votes("A")}},   # 0
+            {"order": {"A": votes("A"), "B": votes("B")}},   # 1
+            {"order": {"A": votes("A"), "B": votes("B")}}]   # 1
+    for p, r in zip(pairs, recs):
+        r.update(id=p.id, category=p.category)
+    s = S.summarize(pairs, recs)
+    pp = s["per_pair"]
+    assert pp["id"] == ["0", "1", "2", "3", "4"] and pp["group"] == ["chat"] * 4 + ["safety"]
+    assert pp["maj@N"] == [1, 0.5, 0, 1, 1] and pp["longer"] == [1, 1, 1, 1, 0]
+    al = s["per_category"]["all"]
+    assert al["maj@N"] == pytest.approx(0.7)
+    assert al["ci"]["maj@N"] == list(stats.bootstrap_ci([[1, 0.5, 0, 1, 1]]))  # a 0.5 score: bootstrap over pairs
+    assert al["ci"]["longer"] == list(stats.wilson(4, 5))                     # 0/1 scores: Wilson
+    assert al["ci"]["maj@N"][0] < 0.7 < al["ci"]["maj@N"][1]
+    # sections: chat and safety weighted 1/2 each, the stratified bootstrap
+    sec = s["sections"]
+    assert sec["maj@N"] == pytest.approx((2.5 / 4 + 1) / 2) and sec["present"] == ["chat", "safety"]
+    assert sec["ci"]["maj@N"] == list(stats.bootstrap_ci([[1, 0.5, 0, 1], [1]], [0.5, 0.5]))
+
+
+def test_majority_curve_from_the_first_k_votes():
+    pairs = [P(0, "chat"), P(1, "chat")]
+    recs = [{"order": {"A": votes("B", "A", "A", "A"), "B": votes("B", "A", None, "A")}},
+            {"order": {"A": votes("A", "B", "B", "B"), "B": votes("A", "A", "A", "B")}}]
+    for p, r in zip(pairs, recs):
+        r.update(id=p.id, category=p.category)
+    s = S.summarize(pairs, recs)
+    # by hand, per order (chosen is the key letter): k=1, k=2 (a 1-1 tie counts 0), k=4
+    #   pair 0, A: B | B,A tie | 3A-1B -> 0, 0, 1;  B: B | tie | 1B-2A -> 1, 0, 0
+    #   pair 1, A: A | tie | 1A-3B -> 1, 0, 0;      B: A | A,A | 3A-1B -> 0, 0, 0
+    assert s["per_pair"]["maj@k"] == {"1": [0.5, 0.5], "2": [0.0, 0.0], "4": [0.5, 0.0]}
+    curve = s["per_category"]["all"]["maj@k"]
+    assert curve == {"1": 0.5, "2": 0.0, "4": 0.25}
+    assert curve["1"] == s["per_category"]["all"]["maj@1"] and curve["4"] == s["per_category"]["all"]["maj@N"]
+    assert set(s["per_category"]["all"]["ci"]["maj@k"]) == {"1", "2", "4"}
+    genrm = [{"id": "0", "category": "chat", "order": {"A": {"p": 0.7}, "B": {"p": 0.4}}}]
+    assert S.summarize(pairs[:1], genrm)["per_pair"]["maj@k"] == {}  # no votes, no curve
+    assert "maj@2" in S.markdown({"f": s}) and "[0." in S.markdown({"f": s})

@@ -6,7 +6,9 @@ import sys
 import pytest
 import torch
 
-from kernels import IGNORE_INDEX, FusedLogprobs, FusedLogprobSum, fused_logprob_sum, fused_logprobs
+from kernels import (IGNORE_INDEX, FusedLogprobs, FusedLogprobSum, _pair_chunks, fused_dpo_loss, fused_logprob_sum,
+                     fused_logprobs)
+from losses import dpo_loss
 
 
 def naive(h, w, t, temperature=1.0):
@@ -108,3 +110,103 @@ def test_weighted_sum_with_gradients_in_forward_matches_naive(temperature):
         assert (a - b).norm() / b.norm() < 1e-4 and torch.allclose(a, b, rtol=1e-4, atol=5e-5)
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: FusedLogprobSum.apply(a, b, t, wt.double(), 1.3, 5), (h64, w64))
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_dpo_loss: DPO / cDPO / IPO with gradients in forward, against the full-logits computation
+
+PAIRS = [(3, 5), (7, 2), (1, 1), (6, 4), (2, 9)]  # ragged (chosen rows, rejected rows) per pair
+
+
+def dpo_inputs(dtype=torch.float32, pairs=PAIRS, seed=5, H=24, V=101):
+    seq = torch.cat([torch.full((n,), 2 * i + j) for i, p in enumerate(pairs) for j, n in enumerate(p)])
+    h, w, t = inputs(N=len(seq), H=H, V=V, dtype=dtype, seed=seed)  # every 5th row IGNORE_INDEX, no completion all ignored
+    g = torch.Generator().manual_seed(seed + 1)
+    rc, rr = torch.randn(len(pairs), generator=g) * 3, torch.randn(len(pairs), generator=g) * 3
+    return h, w, t, seq, rc, rr
+
+
+def naive_dpo(h, w, t, seq, rc, rr, beta, eps, loss_type, temperature):
+    """Full logits -> log_softmax -> gather -> per-completion sums (ipo: means over the non-ignored
+    rows) -> the DPO closed form, mean over pairs."""
+    lp = naive(h, w, t, temperature)                                             # [N]
+    s = torch.zeros(2 * len(rc), dtype=lp.dtype).index_add(0, seq, lp)          # [2P]
+    if loss_type == "ipo":
+        s = s / torch.zeros(2 * len(rc), dtype=lp.dtype).index_add(0, seq, (t != IGNORE_INDEX).to(lp.dtype))
+    z = (s[0::2] - rc) - (s[1::2] - rr)
+    if loss_type == "ipo":
+        loss = (z - 1 / (2 * beta)) ** 2
+    else:
+        loss = -(1 - eps) * torch.log(torch.sigmoid(beta * z)) - eps * torch.log(torch.sigmoid(-beta * z))
+    return loss.mean(), s[0::2], s[1::2]
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0)])
+def test_dpo_values_and_grads_match_naive(loss_type, eps):
+    """1e-5 on values, 1e-4 on gradients, for every chunk size (1 row: smaller than any pair; 7; all
+    rows in one chunk), temperature 0.7, with an upstream gradient != 1; the same mean as
+    losses.dpo_loss on the naive log-probs (the convention step_dpo uses)."""
+    h, w, t, seq, rc, rr = dpo_inputs()
+    kw = dict(beta=0.3, label_smoothing=eps, loss_type=loss_type, temperature=0.7)
+    ref, ref_c, ref_r = naive_dpo(h, w, t, seq, rc, rr, 0.3, eps, loss_type, 0.7)
+    assert torch.allclose(ref, dpo_loss(ref_c, ref_r, rc, rr, beta=0.3, label_smoothing=eps, loss_type=loss_type).mean())
+    rh, rw = torch.autograd.grad(ref * -2.5, (h, w))
+    for chunk in (1, 7, 4096):
+        loss, pc, pr = fused_dpo_loss(h, w, t, seq, rc, rr, chunk=chunk, **kw)
+        assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-7), (chunk, loss, ref)
+        assert torch.allclose(pc, ref_c, rtol=1e-5, atol=1e-5) and torch.allclose(pr, ref_r, rtol=1e-5, atol=1e-5)
+        assert not pc.requires_grad and not pr.requires_grad
+        gh, gw = torch.autograd.grad(loss * -2.5, (h, w))
+        for a, b in ((gh, rh), (gw, rw)):
+            assert (a - b).norm() / b.norm() < 1e-4 and torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max())
+        assert (gh[t == IGNORE_INDEX] == 0).all()
+
+
+def test_dpo_chunks_hold_whole_pairs():
+    """Chunks end on pair boundaries; a pair longer than the chunk is a chunk of its own."""
+    rows = [a + b for a, b in PAIRS]                                             # [8, 9, 2, 10, 11]
+    assert _pair_chunks(rows, 1) == [(0, 8, 0, 1), (8, 17, 1, 2), (17, 19, 2, 3), (19, 29, 3, 4), (29, 40, 4, 5)]
+    assert _pair_chunks(rows, 19) == [(0, 19, 0, 3), (19, 29, 3, 4), (29, 40, 4, 5)]  # 8 + 9 + 2 fit
+    assert _pair_chunks(rows, 40) == [(0, 40, 0, 5)]
+
+
+def test_dpo_gradcheck_float64_and_second_backward():
+    h, w, t, seq, rc, rr = dpo_inputs(pairs=[(2, 1), (1, 3)], seed=7, H=5, V=9)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    for loss_type, eps in (("sigmoid", 0.1), ("ipo", 0.0)):
+        f = lambda a, b: fused_dpo_loss(a, b, t, seq, rc.double(), rr.double(), beta=0.5, label_smoothing=eps,  # noqa: E731
+                                        loss_type=loss_type, temperature=1.3, chunk=3)[0]
+        assert torch.autograd.gradcheck(f, (h64, w64))
+    loss = fused_dpo_loss(h, w, t, seq, rc, rr, beta=0.5)[0] * 2  # saved gradients are scaled in place once
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+def test_dpo_bfloat16_inputs():
+    """bf16 inputs: float32 loss within 1e-2 of the float32 computation on the same rounded inputs;
+    gradients in bf16 within 5e-2 relative."""
+    h, w, t, seq, rc, rr = dpo_inputs(dtype=torch.bfloat16)
+    loss, pc, _ = fused_dpo_loss(h, w, t, seq, rc, rr, beta=0.3, chunk=16)
+    assert loss.dtype == torch.float32 and pc.dtype == torch.float32
+    hf, wf = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = naive_dpo(hf, wf, t, seq, rc, rr, 0.3, 0.0, "sigmoid", 1.0)[0]
+    assert (loss - ref).abs() < 1e-2
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    rh, rw = torch.autograd.grad(ref, (hf, wf))
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    assert (gh.float() - rh).norm() / rh.norm() < 5e-2 and (gw.float() - rw).norm() / rw.norm() < 5e-2
+
+
+def test_dpo_bad_input_is_a_clear_error():
+    h, w, t, seq, rc, rr = dpo_inputs()
+    with pytest.raises(ValueError, match="non-decreasing"):
+        fused_dpo_loss(h, w, t, seq.flip(0), rc, rr, beta=0.1)
+    with pytest.raises(ValueError, match="pair 1 lacks rows"):
+        fused_dpo_loss(h, w, t, torch.where(seq == 3, 2, seq), rc, rr, beta=0.1)  # pair 1 has no rejected rows
+    t2 = t.clone()
+    t2[seq == 4] = IGNORE_INDEX                                                   # pair 2's chosen: all ignored
+    with pytest.raises(ValueError, match="completion 4 has none"):
+        fused_dpo_loss(h, w, t2, seq, rc, rr, beta=0.1, loss_type="ipo")
+    with pytest.raises(ValueError, match="unknown DPO loss"):
+        fused_dpo_loss(h, w, t, seq, rc, rr, beta=0.1, loss_type="hinge")

@@ -101,6 +101,45 @@ def test_forced_verdicts_are_argmax_and_counted():
     assert all(s["verdict"] is None and not s["forced"] for r in none for s in r)
 
 
+def test_sampled_forced_verdict_follows_the_tempered_indicator_probabilities():
+    """force_verdicts with seeds draws 'A' iff u < softmax(ab / T)[A], u from the seed's generator,
+    computed here from a full forward; T=1 is the paper's sampler, a tiny T the argmax."""
+    m, tok = tiny_model(seed=4), CharTok()
+    prompts = [tok.apply_chat(genrm.judge_messages(Pair(str(i), f"Q{i}", "yes", "no"), True)) for i in range(24)]
+    comps = [tok.encode(f"because {i}") for i in range(24)]
+    seeds = list(range(100, 124))
+    ab = []
+    for p, c in zip(prompts, comps):
+        with torch.no_grad():
+            lg = m(torch.tensor([p + c + tok.encode(genrm.VERDICT_PREFIX)]))[0, -1]
+        ab.append([float(lg[tok.token_id("A")]), float(lg[tok.token_id("B")])])
+    ab = torch.tensor(ab)
+    u = [torch.rand(1, generator=torch.Generator().manual_seed(s)).item() for s in seeds]
+    for T in (1.0, 3.0, 0.5):
+        pa = torch.softmax(ab / T, -1)[:, 0].tolist()
+        want = ["A" if x < p else "B" for x, p in zip(u, pa)]
+        got = genrm.force_verdicts(m, tok, prompts, comps, sample_seeds=seeds, temperature=T)
+        # a draw within float noise of its threshold could go either way; none is here
+        assert all(abs(x - p) > 1e-4 for x, p in zip(u, pa)) and got == want, T
+    argmax = ["A" if a >= b else "B" for a, b in ab.tolist()]
+    assert genrm.force_verdicts(m, tok, prompts, comps, sample_seeds=seeds, temperature=1e-6) == argmax
+
+
+def test_star_sampling_in_both_orders():
+    m, tok = tiny_model(seed=5), CharTok()
+    pairs = [Pair(f"q{i}", f"question {i}", f"good {i}", f"bad {i}") for i in range(3)]
+    one = genrm.sample_rationales(m, tok, pairs, n=2, max_new_tokens=4, seed=3, progress=False)
+    both = genrm.sample_rationales(m, tok, pairs, n=2, max_new_tokens=4, seed=3, both_orders=True, progress=False)
+    assert len(one) == 6 and len(both) == 12
+    for p in pairs:
+        rows = [r for r in both if r["id"] == p.id]
+        assert sorted(r["label"] for r in rows) == ["A", "A", "B", "B"]
+        for r in rows:  # the label is where the chosen answer stands in that row's prompt
+            assert r["messages"] == genrm.judge_messages(p, r["label"] == "A", "cot")
+        first = [r["label"] for r in one if r["id"] == p.id]
+        assert [r["label"] for r in rows][:2] == first  # the seeded order first, then the other
+
+
 def planted(pid, label, verdicts, forced=()):
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": pid}]
     return [{"id": pid, "messages": msgs, "label": label, "completion": f"r{k}", "verdict": v, "forced": k in forced}

@@ -4,7 +4,8 @@ import torch
 
 from conftest import tiny_model
 from model import Llama
-from sample import generate, top_p_filter
+import sample
+from sample import generate, pick_next, top_p_filter
 
 
 def prompts():
@@ -115,3 +116,94 @@ def test_too_long_is_an_error_before_work():
     m = tiny_model(seed=8)
     with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
         generate(m, [[5] * 500], max_new_tokens=20, progress=False)
+
+
+def _sorted_nucleus_sample(logits, temperature, p, u):
+    """The sampler before top-k: sort the whole vocabulary, top_p_filter, inverse CDF."""
+    probs = torch.softmax(logits / temperature, -1)
+    ps, order = top_p_filter(probs, p) if p < 1.0 else probs.sort(-1, descending=True)
+    cdf = ps.cumsum(-1)
+    k = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)
+    return order.gather(1, k).squeeze(1)
+
+
+def test_pick_next_equals_full_sort_sampling():
+    g = torch.Generator().manual_seed(0)
+    V = 5000  # > the top-k candidates, so every path occurs
+    scale = torch.tensor([0.1, 1.0, 3.0, 8.0, 20.0]).repeat_interleave(40)[:, None]  # flat .. peaked
+    logits = torch.randn(len(scale), V, generator=g) * scale
+    mass = torch.softmax(logits, -1).sort(-1, descending=True).values.cumsum(-1)
+    k256, k4096 = mass[:, 255] > 0.95, mass[:, 4095] > 0.95
+    assert k256.any() and (k4096 & ~k256).any() and (~k4096).any()  # top-256, top-4096 and full-sort rows
+    for temperature, p in ((1.0, 0.95), (0.7, 0.5), (1.0, 0.999), (1.3, 1.0)):
+        for _ in range(5):
+            u = torch.rand(len(scale), generator=g)
+            want = _sorted_nucleus_sample(logits, temperature, p, u)
+            assert torch.equal(pick_next(logits, temperature, p, u), want), (temperature, p)
+    assert torch.equal(pick_next(logits, 0, 0.95, u), logits.argmax(-1))
+
+
+def _spy_hidden(monkeypatch):
+    calls = []
+    orig = Llama.hidden
+
+    def spy(self, idx, **kw):
+        calls.append(tuple(idx.shape))
+        return orig(self, idx, **kw)
+    monkeypatch.setattr(Llama, "hidden", spy)
+    return calls
+
+
+def test_shared_prefix_prefilled_once_same_outputs(monkeypatch):
+    m = tiny_model(seed=9)
+    head = [1] + list(range(40, 60))                    # 21 tokens every prompt starts with
+    ps = [head + p for p in prompts()]
+    kw = dict(n=2, max_new_tokens=6, temperature=1.0, top_p=0.9, progress=False)
+    calls = _spy_hidden(monkeypatch)
+    shared = generate(m, ps, **kw)
+    assert calls[0] == (1, 21)                          # the prefix, once
+    assert calls[1] == (4, 11)                          # then only the prompts' own tokens
+    monkeypatch.setattr(sample, "_MIN_SHARED_PREFIX", 10 ** 9)
+    calls.clear()
+    plain = generate(m, ps, **kw)
+    assert calls[0] == (4, 32)                          # no sharing: whole prompts
+    for a, b in zip(shared, plain):
+        for x, y in zip(a, b):
+            assert x.tokens == y.tokens and x.finish == y.finish
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+
+
+def test_continuous_batching_refills_rows_and_keeps_results(monkeypatch):
+    m = tiny_model(seed=10)
+    ps = prompts()
+    free = generate(m, ps, n=3, max_new_tokens=10, temperature=1.0, seed=3, progress=False)
+    stop = [c.tokens[2] for o in free for c in o][:4]   # stops that end some samples early
+    kw = dict(n=3, max_new_tokens=10, temperature=1.0, seed=3, stop_ids=stop, progress=False)
+    calls = _spy_hidden(monkeypatch)
+    out = generate(m, ps, prompt_batch=1, **kw)         # 3 rows for 12 (prompt, sample) pairs
+    prefills = [s for s in calls if s[1] > 1]
+    assert sum(s[0] for s in prefills) == len(ps)        # each prompt prefilled once
+    decodes = [s[0] for s in calls if s[1] == 1]
+    lens = sorted((len(c.tokens) for o in out for c in o), reverse=True)
+    assert len(decodes) < sum(lens[i] for i in range(0, len(lens), 3))  # fewer steps than fixed chunks of 3
+    assert decodes[:len(decodes) // 2] == [3] * (len(decodes) // 2)    # the batch stays full while work waits
+    for i, p in enumerate(ps):                           # same as each prompt alone
+        alone = generate(m, [p], **dict(kw, seed=[3 + i]))
+        assert [c.tokens for c in alone[0]] == [c.tokens for c in out[i]]
+        assert [c.finish for c in alone[0]] == [c.finish for c in out[i]]
+        for x, y in zip(alone[0], out[i]):
+            assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+    assert any(c.finish == "stop" for o in out for c in o) and any(c.finish == "length" for o in out for c in o)
+
+
+def test_bfloat16_model_samples_close_to_float32():
+    m = tiny_model(seed=11)
+    ps = prompts()
+    out = generate(m.to(torch.bfloat16), ps, n=2, max_new_tokens=6, temperature=1.0, top_p=0.9, progress=False)
+    m = m.float()
+    for p, o in zip(ps, out):
+        for c in o:
+            with torch.no_grad():
+                lp = torch.log_softmax(m(torch.tensor([p + c.tokens]))[0], -1)
+            want = torch.tensor([float(lp[len(p) - 1 + t, tk]) for t, tk in enumerate(c.tokens)])
+            assert (torch.tensor(c.logprobs) - want).abs().max() < 0.25   # bf16 rounding, not a wrong token
