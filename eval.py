@@ -61,7 +61,8 @@ def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=True, max_ne
     order_sets = [[True] * len(pairs), [False] * len(pairs)] if both_orders else [genrm.seeded_orders(pairs, seed)]
     for orders in order_sets:  # orders[i]: the chosen answer of pair i is A
         if judge == "genrm":
-            res = [{"p": x} for x in _genrm_p_chosen(model, tok, pairs, orders, batch_size, progress)]
+            res = [{"p": x} for x in genrm.p_chosen(model, tok, pairs, orders, batch_size=batch_size,
+                                                          progress=progress).tolist()]
         elif judge == "cot":
             # seeds are per pair (seed + index), identical for both orders' calls and any batch size
             res = genrm.cot_judge_sharded(model, tok, pairs, orders, n=samples, max_new_tokens=max_new_tokens,
@@ -73,21 +74,6 @@ def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=True, max_ne
         for r, o, j in zip(recs, orders, res):
             r["order"][genrm.label(o)] = j
     return recs
-
-
-def _genrm_p_chosen(model, tok, pairs, orders, batch_size, progress):
-    """p(chosen > rejected) per pair from the indicator tokens (Fig. 8 prompt, Eq. 7), the chosen
-    answer being A where orders[i]; the pairs spread over the ranks (as genrm.genrm_preference,
-    with one order per pair and a progress bar)."""
-    seqs = [tok.apply_chat(genrm.judge_messages(p, o, "genrm")) for p, o in zip(pairs, orders)]
-
-    def mine(ss):  # this rank's share (dist.shard_map): [len(ss)] pairs of (A, B) logits
-        out = []
-        for s in tqdm(range(0, len(ss), batch_size), desc="genrm", disable=not progress, leave=False):
-            out += genrm.next_token_ab(model, tok, ss[s:s + batch_size], batch_size).tolist()
-        return out
-    p_a = genrm.preference_from_logits(torch.tensor(dist.shard_map(mine, seqs)).reshape(-1, 2)).tolist()  # [N]
-    return [x if o else 1 - x for x, o in zip(p_a, orders)]
 
 
 def judge_positions(tok, pair, judge, max_new_tokens) -> int:

@@ -16,6 +16,7 @@ import re
 from collections import Counter
 
 import torch
+from tqdm import tqdm
 
 import dist
 from data import Example, Pair, Tokenizer, drop_over_long, pad
@@ -120,19 +121,29 @@ def preference_from_logits(ab_logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(ab_logits.float(), -1)[:, 0]
 
 
+def p_chosen(model, tok, pairs, a_is_chosen, *, batch_size=4, progress=False) -> torch.Tensor:
+    """p(chosen > rejected) [N] from the indicator tokens of the no-CoT GenRM prompt (Fig. 8,
+    Sec. 4), pair i judged with the chosen answer as A where a_is_chosen[i]; the pairs are spread
+    over the ranks of a torchrun job."""
+    seqs = [tok.apply_chat(judge_messages(p, o, "genrm")) for p, o in zip(pairs, a_is_chosen)]
+
+    def mine(ss):  # this rank's share (dist.shard_map): one (A, B) logit pair per sequence
+        out = []
+        for s in tqdm(range(0, len(ss), batch_size), desc="genrm", disable=not progress, leave=False):
+            out += next_token_ab(model, tok, ss[s:s + batch_size], batch_size).tolist()
+        return out
+    p_a = preference_from_logits(torch.tensor(dist.shard_map(mine, seqs)).reshape(-1, 2))  # [N] P(A wins)
+    return torch.where(torch.tensor(list(a_is_chosen), dtype=torch.bool), p_a, 1 - p_a)
+
+
 def genrm_preference(model, tok, pairs, *, both_orders=False, batch_size=4):
-    """p(chosen > rejected) per pair from the no-CoT GenRM prompt (Fig. 8), spread over the ranks
-    of a torchrun job. With both_orders, the mean of the chosen-as-A probability and one minus
-    the rejected-as-A probability. Returns dict with 'p' [N] and, per order, 'p_a_chosen' and
-    'p_b_chosen'."""
-    def p_first(a_is_chosen):  # P(A) / (P(A) + P(B)) in this order
-        seqs = [tok.apply_chat(judge_messages(p, a_is_chosen, "genrm")) for p in pairs]
-        ab = dist.shard_map(lambda s: next_token_ab(model, tok, s, batch_size).tolist(), seqs)
-        return preference_from_logits(torch.tensor(ab).reshape(-1, 2))
-    p_a = p_first(True)                                                       # chosen is A
+    """p(chosen > rejected) per pair (p_chosen) with the chosen answer as A; with both_orders,
+    the mean of that and of the chosen-as-B probability. Returns dict with 'p' [N] and, per
+    order, 'p_a_chosen' and 'p_b_chosen'."""
+    p_a = p_chosen(model, tok, pairs, [True] * len(pairs), batch_size=batch_size)   # chosen is A
     res = {"p_a_chosen": p_a, "p": p_a}
     if both_orders:
-        p_b = 1 - p_first(False)                                              # chosen is B
+        p_b = p_chosen(model, tok, pairs, [False] * len(pairs), batch_size=batch_size)  # chosen is B
         res.update(p_b_chosen=p_b, p=(p_a + p_b) / 2)
     return res
 
