@@ -24,6 +24,14 @@ def atomic_write(dst, write_fn):
             os.remove(tmp)
 
 
+def read_json(path) -> dict:
+    """A JSON file; malformed (torn, hand-edited, not UTF-8): an error naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
+
+
 def write_json(path, obj):
     atomic_write(path, lambda f: Path(f).write_text(json.dumps(obj, indent=2)))
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from files import atomic_write
+from files import atomic_write, read_json
 from gguf import resolve_model
 
 
@@ -309,20 +309,18 @@ class Llama(nn.Module):
         if self.cache_len:
             assert pos is not None, "cached forward needs explicit positions"
             return self._hidden_cached(idx, pos, rows)
-        if attn_mask is not None:
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        if attn_mask is not None:  # packed pairs: the caller's mask and positions
             assert pos is not None, "an explicit attention mask needs explicit positions"
             mask = attn_mask
+        elif valid is None:
+            mask = causal[None].expand(B, T, T)
+            pos = torch.arange(T, device=dev)[None].expand(B, T) if pos is None else pos
         else:
-            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-            if valid is None:
-                mask = causal[None].expand(B, T, T)
-                pos = torch.arange(T, device=dev)[None].expand(B, T) if pos is None else pos
-            else:
-                valid = valid.bool()
-                # a padding query attends to itself only, so no row of the mask is empty
-                mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
-                if pos is None:
-                    pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            valid = valid.bool()
+            # a padding query attends to itself only, so no row of the mask is empty
+            mask = (causal[None] & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
+            pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if pos is None else pos
         freqs = pos[..., None].float() * self.inv_freq                          # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                         # [B, 1, T, hd]
         cos, sin = emb.cos(), emb.sin()
@@ -372,21 +370,17 @@ class Llama(nn.Module):
         cfg.score_head = "score.weight" in sd if score_head is None else score_head
         with torch.device("meta"):
             model = cls(cfg)
-        expect = {k: v for k, v in model.state_dict().items()}
+        expect = dict(model.state_dict())
         if cfg.tie_word_embeddings:
             expect.pop("lm_head.weight", None)
             sd.pop("lm_head.weight", None)  # some tied checkpoints carry it too
-        if score_head and "score.weight" not in sd:
+        fresh_score = bool(score_head) and "score.weight" not in sd
+        if fresh_score:
             sd["score.weight"] = torch.zeros(1, cfg.hidden_size)  # fresh head, set by init below
-            fresh_score = True
-        else:
-            fresh_score = False
-        missing = sorted(set(expect) - set(sd))
-        unexpected = sorted(set(sd) - set(expect))
-        if missing:
-            raise ValueError(f"{path}: missing tensor(s) {missing[:5]}{'...' if len(missing) > 5 else ''}")
-        if unexpected:
-            raise ValueError(f"{path}: unexpected tensor(s) {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for what, names in (("missing", set(expect) - set(sd)), ("unexpected", set(sd) - set(expect))):
+            if names:
+                names = sorted(names)
+                raise ValueError(f"{path}: {what} tensor(s) {names[:5]}{'...' if len(names) > 5 else ''}")
         for k, v in expect.items():
             if tuple(sd[k].shape) != tuple(v.shape):
                 raise ValueError(f"{path}: tensor '{k}' has shape {tuple(sd[k].shape)}, "
@@ -413,19 +407,12 @@ class Llama(nn.Module):
         atomic_write(path / "config.json", lambda f: Path(f).write_text(json.dumps(self.config.to_hf(), indent=2)))
 
 
-def _read_json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a torn or hand-edited file: name it
-        raise ValueError(f"{f}: malformed JSON ({e})") from None
-
-
 def read_config(path: Path) -> LlamaConfig:
     """config.json of an HF-format directory; missing or malformed: an error naming the file."""
     f = Path(path) / "config.json"
     if not f.exists():
         raise FileNotFoundError(f"{f}: no config.json in model directory")
-    return LlamaConfig.from_hf(_read_json(f), str(f))
+    return LlamaConfig.from_hf(read_json(f), str(f))
 
 
 def weight_files(path: Path) -> list:
@@ -434,29 +421,30 @@ def weight_files(path: Path) -> list:
     if single.exists():
         return [single]
     if index.exists():
-        return [path / s for s in sorted(set(_read_json(index).get("weight_map", {}).values()))]
+        return [path / s for s in sorted(set(read_json(index).get("weight_map", {}).values()))]
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def check_pretrained(path) -> LlamaConfig:
-    """Read config.json and every safetensors header (which holds the tensor offsets, so a
-    truncated file shows here) without loading the weights: a run checks its model first."""
-    path = resolve_model(path)
-    cfg = read_config(path)
-    for f in weight_files(path):
-        try:
+def _read_safetensors(f: Path, header_only=False) -> dict:
+    """A safetensors file's tensors (or only its header: the tensor offsets, so a truncated file
+    shows without reading the weights); truncated or not safetensors: an error naming the file."""
+    try:
+        if header_only:
             with safe_open(str(f), "pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
+                return {}
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
+
+
+def check_pretrained(path) -> LlamaConfig:
+    """Read config.json and every safetensors header without loading the weights: a run checks
+    its model before it writes anything."""
+    cfg = read_config(resolve_model(path))
+    for f in weight_files(resolve_model(path)):
+        _read_safetensors(f, header_only=True)
     return cfg
 
 
 def load_state_dict(path: Path) -> dict:
-    sd = {}
-    for f in weight_files(path):
-        try:
-            sd.update(load_file(str(f)))
-        except SafetensorError as e:  # truncated or not a safetensors file: name it
-            raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
-    return sd
+    return {k: v for f in weight_files(path) for k, v in _read_safetensors(f).items()}

@@ -24,7 +24,7 @@ import dist
 import genrm
 from data import LoadStats, load_completions, load_pairs, load_tokenizer, pair_examples, sft_examples
 from eval import HelpFormatter, judge_report, number
-from files import read_jsonl, write_json, write_jsonl
+from files import read_json, read_jsonl, write_json, write_jsonl
 from fit import TrainConfig, fit, micro_batches, prune_checkpoints, save_model
 from gguf import DEFAULT_MODEL
 from losses import add_reference_logps, make_step_dpo, step_bt, step_genrm, step_sft
@@ -304,9 +304,9 @@ def _check_run_dir(cfg: RunConfig, out: Path):
         raise SystemExit(f"{out} exists and is not empty: pass --resume to continue it or --out for a new run")
     if cfg.resume and args_f.exists():
         try:
-            old = json.loads(args_f.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SystemExit(f"error: {args_f}: malformed JSON ({e})") from None
+            old = read_json(args_f)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
         diff = _resume_conflicts(cfg, old)
         if diff:
             raise SystemExit(f"error: --resume with arguments that change the run in {out} ({args_f}): "
