@@ -123,7 +123,7 @@ def save_model(model, path, tok=None):
 
 def accumulate_gradients(model, group, step_fn, pad_id, autocast=None):
     """Backward over the micro-batches of one optimizer step. Every example carries its loss count
-    "n" (loss tokens, or 1 per pair), and each micro-batch's loss sum is divided by the whole
+    `n` (loss tokens, or 1 per pair), and each micro-batch's loss sum is divided by the whole
     step's count: the step's loss is a mean over all its tokens/pairs, whatever batch_size,
     grad_accum and the number of ranks are. Under torchrun each rank takes every world-th example
     of each micro-batch; FSDP averages gradients over ranks, so the loss is scaled by the world

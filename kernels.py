@@ -4,7 +4,6 @@ tokens x vocab logits, and the batch-level functions every objective is built on
   fused_logprobs       per-token log-probs [N], logits recomputed in backward (reference passes)
   fused_logprob_sum    a weighted sum (scalar), gradients computed in forward (SFT, Eq. 7, Eq. 8)
   fused_dpo_loss       DPO / cDPO / IPO loss (scalar) by chunks of whole pairs, gradients in forward
-  sequence_logprobs    model + padded batch -> per-token log-probs [B, T]
   completion_logprob_sum  model + padded batch -> sum over the loss tokens
   pair_logps, pair_rewards  chosen/rejected examples -> DPO log-probs, Bradley-Terry rewards, from
                        one packed [prompt | chosen | rejected] pass (each prompt computed once)
@@ -384,16 +383,6 @@ def _completion_rows(model, idx, valid, loss_mask):
     h = model.hidden(idx, valid=valid)[:, :-1]                                   # [B, T-1, H]
     keep = loss_mask[:, 1:].bool()                                               # [B, T-1]
     return h[keep], idx[:, 1:][keep], keep                                       # [n, H], [n]
-
-
-def sequence_logprobs(model, idx, valid, loss_mask, *, temperature=1.0):
-    """Per-token log pi(idx[t] | idx[<t]) [B, T] (0 where loss_mask is 0; position 0 is never
-    scored) via hidden -> fused_logprobs: the full [B, T, V] logits are never built."""
-    h, tgt, keep = _completion_rows(model, idx, valid, loss_mask)
-    lp = torch.zeros(keep.shape, dtype=torch.float32, device=idx.device)
-    if len(tgt):
-        lp[keep] = fused_logprobs(h, model.lm_head.weight, tgt, temperature=temperature)
-    return F.pad(lp, (1, 0))                                                     # [B, T]
 
 
 def completion_logprob_sum(model, idx, valid, loss_mask):

@@ -28,9 +28,14 @@ def top_p_filter(probs, p):
     dropped when the mass strictly before it exceeds p, so at an exact tie the next one stays.
     probs [R, V] -> (sorted kept probs [R, V] summing to 1, their token ids [R, V])."""
     ps, order = probs.sort(dim=-1, descending=True)
-    before = ps.cumsum(-1) - ps                      # mass strictly before each token
-    ps = ps.masked_fill(before > p, 0.0)
-    return ps / ps.sum(-1, keepdim=True), order
+    return _nucleus(ps, p), order
+
+
+def _nucleus(ps, p):
+    """Probabilities sorted descending ps [R, K] -> the nucleus kept (Meta's strict '>'),
+    renormalised: a token is dropped when the mass strictly before it exceeds p."""
+    ps = ps.masked_fill(ps.cumsum(-1) - ps > p, 0.0)
+    return ps / ps.sum(-1, keepdim=True)
 
 
 def _row_seed(seed, j):
@@ -41,8 +46,7 @@ def _sample_sorted(ps, order, p, u):
     """Inverse-CDF sample from probabilities sorted descending ps [R, K] (ids order [R, K]) with
     uniforms u [R]: top_p_filter's nucleus when p < 1 (the whole sorted list when p >= 1)."""
     if p < 1.0:
-        ps = ps.masked_fill(ps.cumsum(-1) - ps > p, 0.0)     # top_p_filter's rule, strict '>'
-        ps = ps / ps.sum(-1, keepdim=True)
+        ps = _nucleus(ps, p)
     cdf = ps.cumsum(-1)
     k = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).clamp(max=cdf.shape[1] - 1)  # [R, 1]
     return order.gather(1, k).squeeze(1)
