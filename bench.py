@@ -3,8 +3,13 @@
   python bench.py sample            # KV-cache sampler vs a no-cache loop vs HF generate; decode
                                     # step vs weight bytes / measured bandwidth (fp32, bf16)
   python bench.py logprobs          # fused log-probs vs naive log_softmax, fwd+bwd, peak memory
-  python bench.py logprobs --cuda   # also bf16 on a CUDA GPU (H=4096, V=128256, N=16384)
   python bench.py train             # one DPO optimizer step (packed pairs) vs HF transformers
+
+On a CUDA GPU (random weights of the model's shape; HF transformers shares the same tensors):
+  python bench.py logprobs --cuda   # bf16 at H=4096, V=128256, N=16384, against naive and Liger
+  python bench.py sample --cuda     # bf16 sampler vs HF generate, SmolLM2-135M and Llama-3.1-8B shapes
+  python bench.py train --cuda      # DPO step on a Llama-3.1-8B shape: model FLOPs utilisation,
+                                    # with and without activation checkpointing
 
 Each case runs --repeats times; min and median are printed (this CPU is throttled in bursts:
 compare ratios measured in one run). Memory is measured in a fresh subprocess per case.
@@ -20,54 +25,20 @@ import time
 
 import torch
 
+import kernels
+from bench_gpu import bandwidth, bench_sample_cuda, bench_train_cuda, decode_step_case, timed
 from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
+from eval import HelpFormatter
 from genrm import judge_messages
 from gguf import DEFAULT_MODEL, resolve_model
 from kernels import fused_dpo_loss, fused_logprob_sum, fused_logprobs, pair_logps
 from losses import dpo_loss, make_step_dpo
 from model import Llama
-from sample import decode_one, generate, pick_next, prefill
-
-
-def timed(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts), statistics.median(ts)
+from sample import generate
 
 
 # ----------------------------------------------------------------------------------------------
 # sampling
-
-def bandwidth(repeats=5):
-    """Bytes per second this machine streams from memory: a sum over a 512 MiB float32 buffer
-    (far larger than the caches), best of `repeats`."""
-    buf = torch.ones(2 ** 27)
-    return buf.numel() * 4 / timed(buf.sum, repeats)[0]
-
-
-def decode_step_case(m, prompt, n, repeats, steps=16):
-    """Seconds (min, median over `repeats` runs of `steps` steps) of one sampling decode step with
-    n rows after `prompt`: the model forward, lm_head, top-p 0.95 pick and the token's log-prob."""
-    m.setup_cache(n, len(prompt) + steps * (repeats + 1) + 1)
-    logits = prefill(m, [prompt], torch.zeros(1, dtype=torch.long), 0).repeat(n, 1)
-    m.copy_cache_rows(torch.zeros(n - 1, dtype=torch.long), torch.arange(1, n), len(prompt))
-    st = {"tok": pick_next(logits, 1.0, 0.95, torch.rand(n)), "pos": torch.full((n,), len(prompt))}
-
-    def run():
-        for _ in range(steps):
-            logits = decode_one(m, st["tok"], st["pos"])
-            st["tok"] = pick_next(logits, 1.0, 0.95, torch.rand(n))
-            torch.log_softmax(logits, -1).gather(1, st["tok"][:, None]).tolist()
-            st["pos"] = st["pos"] + 1
-    with torch.no_grad():
-        run()  # warm-up
-        tmin, tmed = timed(run, repeats)
-    m.clear_cache()
-    return tmin / steps, tmed / steps
-
 
 def bench_sample(a):
     torch.set_num_threads(a.threads)
@@ -158,14 +129,28 @@ def logprobs_case(kind, N, H, V, dtype, device, repeats, chunk):
     seq = torch.arange(N // 64, device=device).repeat_interleave(64)              # [N] 2i chosen, 2i + 1 rejected
     rc, rr = (torch.randn(N // 128, device=device) - 64 * math.log(V) for _ in range(2))  # reference sums
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # GiB (ru_maxrss is KiB)
+    liger = {}
+    kernels.TRITON_FORWARD = kind == "fused_triton"
+    if kind.startswith("liger"):
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        P = N // 128  # Liger's layout: all chosen [P, 64] then all rejected [P, 64]
+        lh = h.detach().view(P, 2, 64, H).transpose(0, 1).reshape(2 * P, 64, H).requires_grad_()
+        liger = {"ce": LigerFusedLinearCrossEntropyLoss(reduction="sum"), "h": lh,
+                 "t": t.view(P, 2, 64).transpose(0, 1).reshape(2 * P, 64),
+                 "dpo": LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False)}
 
     def run():
-        if kind == "fused":       # per-token output, recompute in backward (every objective)
+        if kind in ("fused", "fused_triton"):  # per-token output, recompute in backward (every objective)
             fused_logprobs(h, w, t, chunk=chunk).sum().backward()
         elif kind == "fused_sum":  # scalar weighted sum, gradients in forward (SFT, Eq. 7, Eq. 8)
             fused_logprob_sum(h, w, t, chunk=chunk).backward()
         elif kind == "dpo":        # DPO loss by chunks of whole pairs, gradients in forward
             fused_dpo_loss(h, w, t, seq, rc, rr, beta=0.1, chunk=chunk)[0].backward()
+        elif kind == "liger_sum":  # Liger's fused linear cross-entropy, summed (= -fused_sum)
+            liger["ce"](w, h, t).backward()
+        elif kind == "liger_dpo":  # Liger's chunked DPO, policy half (reference log-probs given as 0)
+            liger["dpo"](w, liger["h"], liger["t"])[0].backward()
         elif kind == "naive_dpo":  # full logits, log_softmax + gather, per-completion sums, dpo_loss
             lp = torch.log_softmax((h @ w.T).float(), -1).gather(1, t[:, None]).squeeze(1)  # [N]
             pol = lp.view(-1, 64).sum(1)                                                    # [2P]
@@ -193,8 +178,13 @@ def bench_logprobs(a):
     shapes = [(4096, 576, 49152), (4096, 2048, 128256)]
     kinds = [k for k in ("fused", "fused_sum", "naive", "dpo", "naive_dpo") if k in a.kinds.split(",")]
     cases = [(k, N, H, V, "float32", "cpu") for N, H, V in shapes for k in kinds]
-    if a.cuda:
-        cases += [(k, 16384, 4096, 128256, "bfloat16", "cuda") for k in kinds]
+    if a.cuda:  # the GPU cases instead, with Liger's kernels where the package is installed
+        try:
+            import liger_kernel  # noqa: F401
+            kinds += ["liger_sum", "liger_dpo"]
+        except ImportError:
+            print("(Liger not benchmarked: liger_kernel is not installed)")
+        cases = [(k, 16384, 4096, 128256, "bfloat16", "cuda") for k in kinds + ["fused_triton"] * (kernels.triton is not None)]
     rows = []
     for c in cases:
         code = (f"import json, bench, torch; torch.set_num_threads({a.threads}); "
@@ -301,16 +291,28 @@ def bench_train(a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("what", choices=("sample", "logprobs", "train"))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per case (min and median printed)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--new-tokens", type=int, default=128, help="sample: tokens generated per row")
     ap.add_argument("--nocache", action="store_true", help="also time the no-cache loop (slow)")
-    ap.add_argument("--chunk", type=int, default=0, help="fused kernel rows per chunk (0: the default, 2**27 // V)")
-    ap.add_argument("--cuda", action="store_true", help="add the bf16 CUDA case")
+    ap.add_argument("--chunk", type=int, default=0, help="fused kernel rows per chunk (0: ~512 MiB of float32 logits, 2 GiB on CUDA)")
+    ap.add_argument("--cuda", action="store_true", help="the CUDA GPU cases (bf16) instead of the CPU ones")
     ap.add_argument("--kinds", default="fused,fused_sum,naive,dpo,naive_dpo", help="logprobs: the ways to run")
+    g = ap.add_argument_group("with --cuda (or --device cpu --shapes tiny / --shape tiny: a check of this code)")
+    g.add_argument("--device", default="cuda", help="where the --cuda cases run")
+    g.add_argument("--shapes", default="smollm2-135m,llama3.1-8b", help="sample: model shapes")
+    g.add_argument("--shape", default="llama3.1-8b", help="train: model shape")
+    g.add_argument("--layers", type=int, default=32, help="train: layers of the bf16-weights SGD step")
+    g.add_argument("--layers-adamw", type=int, default=8, help="train: layers of the float32-master AdamW step")
+    g.add_argument("--pairs", type=int, default=4, help="train: pairs per step")
+    g.add_argument("--prompt-tokens", type=int, default=1024, help="train: prompt tokens per pair")
+    g.add_argument("--completion-tokens", type=int, default=256, help="train: tokens of each completion")
     a = ap.parse_args()
+    if a.cuda and a.what != "logprobs":
+        {"sample": bench_sample_cuda, "train": bench_train_cuda}[a.what](a)
+        return
     {"sample": bench_sample, "logprobs": bench_logprobs, "train": bench_train}[a.what](a)
 
 

@@ -12,8 +12,9 @@ import torch.distributed as dist
 
 
 def init():
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1). Returns (rank, world)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    """Join the process group when launched by torchrun (it sets WORLD_SIZE; one process too, so
+    `--nproc_per_node 1` runs the NCCL / FSDP2 path on one GPU). Returns (rank, world)."""
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl")
@@ -39,7 +40,7 @@ def finish():
     """End a torchrun worker once every rank is done: barrier, leave the group, and exit without
     interpreter teardown, where gloo's threads can abort the process ('terminate called without an
     active exception') after all work succeeded. A single process just returns."""
-    if world() > 1:
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
         sys.stdout.flush()
@@ -65,10 +66,12 @@ def shard(model):
     """FSDP2: each transformer block is one shard group, the root holds embeddings, final norm and
     heads. On CUDA, bf16 compute with float32 gradient reduction. `hidden` and `reward` are
     registered as forward methods so the root's parameters are gathered for them too."""
-    if world() == 1:
+    if not dist.is_initialized():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+    # inputs are not cast: the RoPE tables stay float32 (bf16 cos/sin lose the positions), and a
+    # checkpointed block recomputes with the very inputs its forward saw
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if model.lm_head.weight.is_cuda else MixedPrecisionPolicy()
     for blk in model.model.layers:
         fully_shard(blk, mp_policy=mp)
@@ -102,14 +105,14 @@ def shard_map(fn, items):
 
 def full_state_dict(model):
     """The whole model's state dict on CPU (every rank must call it under FSDP)."""
-    if world() == 1:
+    if not dist.is_initialized():  # not sharded
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state_dict(model, sd):
-    if world() == 1:
+    if not dist.is_initialized():
         model.load_state_dict(sd)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -10,8 +10,9 @@ tokens x vocab logits, and the batch-level functions every objective is built on
 
 Each kernel walks the rows in chunks; a chunk's logits are built in one reused float32 buffer,
 reduced (target logit, logsumexp) and, where gradients are wanted, turned in place into
-dlogits = w * (onehot - softmax) / T (`_softmax_grad_`). On CUDA with Triton installed the
-per-token forward is one Triton kernel (online logsumexp over vocab blocks).
+dlogits = w * (onehot - softmax) / T (`_softmax_grad_`). On CUDA, bf16 operands stay bf16:
+tensor-core GEMMs with float32 outputs (`_gemm_operands`). A Triton forward kernel (online
+logsumexp over vocab blocks) is kept behind TRITON_FORWARD: on an H100 cuBLAS chunks beat it.
 """
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ try:
     import triton.language as tl
 except ImportError:  # optional: CPU runs and CI have no Triton
     triton = None
+TRITON_FORWARD = False  # CUDA: fused_logprobs' forward as the Triton kernel (bench.py logprobs --cuda:
+                        # slower than the chunked cuBLAS path on an H100, so off)
 
 IGNORE_INDEX = -100
 
@@ -32,13 +35,47 @@ def _acc_dtype(x):
 
 
 def _chunk_rows(weight, chunk):
-    """Rows per chunk: `chunk`, or about 512 MiB of float32 logits (2**27 // V rows)."""
-    return chunk or max(1, (1 << 27) // weight.shape[0])
+    """Rows per chunk: `chunk`, or about 512 MiB of float32 logits (2**27 // V rows; on CUDA 2 GiB:
+    fewer chunks, fewer passes over the float32 dW)."""
+    return chunk or max(1, (1 << (29 if weight.is_cuda else 27)) // weight.shape[0])
+
+
+def _gemm_operands(hidden, weight):
+    """hidden and weight as the chunk GEMMs take them. On CUDA, bf16 / fp16 operands (the inputs'
+    dtype, or bf16 autocast's) stay in that dtype: tensor-core GEMMs with float32 outputs, exact
+    products and float32 accumulation, the float32 path's numbers up to summation order. Elsewhere
+    the kernels promote them to float32 (CPU has no float32-output bf16 GEMM)."""
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+        return hidden.to(dt), weight.to(dt)
+    return hidden, weight
+
+
+def _lowp(hidden, weight):
+    """Whether the GEMMs run in the operands' own dtype (bf16 / fp16 on CUDA, both alike) rather
+    than with both promoted to float32."""
+    return hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype
+
+
+def _mm(a, b, acc):
+    """a @ b as an acc (float32) result, b a GEMM operand: a low-precision b means a tensor-core
+    GEMM with a float32 output (a float32 `a`, dlogits, is rounded to b's dtype first, as autograd's
+    bf16 backward rounds them); otherwise everything is in acc already."""
+    return torch.mm(a.to(b.dtype), b, out_dtype=acc) if b.dtype != acc else a @ b
+
+
+def _add_grad_w_(dw, d, h):
+    """dW += dlogits.T @ h for a chunk (dw in float32)."""
+    if h.dtype != dw.dtype:
+        dw.add_(_mm(d.T, h, dw.dtype))
+    else:
+        dw.addmm_(d.T, h)
 
 
 def _chunk_logits(h, w, temperature, buf):
-    """Logits h @ w.T / T of one chunk [c, V], written into the reused buffer."""
-    d = torch.mm(h, w.T, out=buf[:len(h)])
+    """Logits h @ w.T / T of one chunk [c, V] in float32: in the reused buffer, or a fresh tensor
+    for low-precision operands (a float32-output GEMM takes no output buffer)."""
+    d = _mm(h, w.T, buf.dtype) if w.dtype != buf.dtype else torch.mm(h, w.T, out=buf[:len(h)])
     if temperature != 1.0:
         d.div_(temperature)
     return d
@@ -62,21 +99,21 @@ class FusedLogprobs(torch.autograd.Function):
     forward (Liger's choice) because our output is per-token [N], not a reduced scalar: the
     upstream gradient of every row is unknown in forward, so dW could not be accumulated there
     without keeping per-row terms as large as the logits. Recompute costs one extra matmul (4
-    instead of 3); working memory is one chunk of logits (plus the float32 copy of a bf16 W).
+    instead of 3); working memory is one chunk of logits (on CPU plus the float32 copy of a bf16 W).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk, want_entropy):
-        N = hidden.shape[0]
-        acc = _acc_dtype(hidden)
-        w = weight.to(acc)
+        N, acc, lo = hidden.shape[0], _acc_dtype(hidden), _lowp(hidden, weight)
+        w = weight if lo else weight.to(acc)
         out = torch.zeros(N, dtype=acc, device=hidden.device)
         lse = torch.zeros(N, dtype=acc, device=hidden.device)
         ent = torch.zeros(N if want_entropy else 0, dtype=acc, device=hidden.device)
         buf = torch.empty(min(chunk, N), w.shape[0], dtype=acc, device=hidden.device)  # reused
         for s in range(0, N, chunk):
             t = targets[s:s + chunk]
-            logits = _chunk_logits(hidden[s:s + chunk].to(acc), w, temperature, buf)  # [c, V]
+            h = hidden[s:s + chunk] if lo else hidden[s:s + chunk].to(acc)
+            logits = _chunk_logits(h, w, temperature, buf)                         # [c, V]
             tl_ = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
             m = logits.amax(-1, keepdim=True)
             if want_entropy:  # H = lse - sum(p * logit)
@@ -97,20 +134,20 @@ class FusedLogprobs(torch.autograd.Function):
     def backward(ctx, g, _g_ent):
         hidden, weight, targets, lse = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
-        acc = _acc_dtype(hidden)
-        w = weight.to(acc)
+        acc, lo = _acc_dtype(hidden), _lowp(hidden, weight)
+        w = weight if lo else weight.to(acc)
         dh = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        dw = torch.zeros_like(w, dtype=acc) if ctx.needs_input_grad[1] else None
         buf = torch.empty(min(chunk, hidden.shape[0]), w.shape[0], dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk].to(acc)
+            h = hidden[s:s + chunk] if lo else hidden[s:s + chunk].to(acc)
             t = targets[s:s + chunk]
             gt = (torch.where(t != IGNORE_INDEX, g[s:s + chunk], 0.0) / T)[:, None]  # [c, 1]
             d = _softmax_grad_(_chunk_logits(h, w, T, buf), lse[s:s + chunk], t, gt)  # [c, V]
             if dh is not None:
-                dh[s:s + chunk] = (d @ w).to(hidden.dtype)
+                dh[s:s + chunk] = _mm(d, w, acc).to(hidden.dtype)
             if dw is not None:
-                dw.addmm_(d.T, h)
+                _add_grad_w_(dw, d, h)
         if dw is not None:
             dw = dw.to(weight.dtype)
         return dh, dw, None, None, None, None
@@ -124,24 +161,23 @@ class FusedLogprobSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, weights, temperature, chunk):
-        N = hidden.shape[0]
-        acc = _acc_dtype(hidden)
-        w = weight.to(acc)
+        N, acc, lo = hidden.shape[0], _acc_dtype(hidden), _lowp(hidden, weight)
+        w = weight if lo else weight.to(acc)
         dh = torch.zeros_like(hidden, dtype=acc)
-        dw = torch.zeros_like(w)
+        dw = torch.zeros_like(w, dtype=acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         buf = torch.empty(min(chunk, N), w.shape[0], dtype=acc, device=hidden.device)
         for s in range(0, N, chunk):
             t = targets[s:s + chunk]
-            h = hidden[s:s + chunk].to(acc)
+            h = hidden[s:s + chunk] if lo else hidden[s:s + chunk].to(acc)
             wn = torch.where(t != IGNORE_INDEX, weights[s:s + chunk].to(acc), 0.0)
             d = _chunk_logits(h, w, temperature, buf)                            # [c, V]
             tl_ = d.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
             lse = torch.logsumexp(d, -1)
             total += ((tl_ - lse) * wn).sum()
             _softmax_grad_(d, lse, t, (wn / temperature)[:, None])
-            dh[s:s + chunk] = d @ w
-            dw.addmm_(d.T, h)
+            dh[s:s + chunk] = _mm(d, w, acc)
+            _add_grad_w_(dw, d, h)
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -158,17 +194,18 @@ def fused_logprob_sum(hidden, weight, targets, weights=None, *, temperature=1.0,
     (weights * fused_logprobs(...)).sum(), one matmul cheaper in backward."""
     if weights is None:
         weights = torch.ones(hidden.shape[0], device=hidden.device)
+    hidden, weight = _gemm_operands(hidden, weight)
     return FusedLogprobSum.apply(hidden, weight, targets, weights, float(temperature), _chunk_rows(weight, chunk))
 
 
 def fused_logprobs(hidden, weight, targets, *, temperature=1.0, chunk=None, return_entropy=False):
     """log softmax(hidden @ weight.T / temperature)[targets] as float32 [N] (float64 for float64
     inputs, whatever the input dtype otherwise), never holding more than `chunk` rows of logits
-    (default: about 512 MiB of them, 2**27 // V rows). hidden [N, H], weight [V, H], targets [N]
-    (IGNORE_INDEX -> 0, no gradient). Differentiable in hidden and weight. On CUDA with Triton
-    importable the forward runs as one Triton kernel (online logsumexp over vocab blocks). With
-    return_entropy, also the per-token entropy of the (tempered) distribution, not differentiable."""
-    fn = TritonFusedLogprobs if hidden.is_cuda and triton is not None else FusedLogprobs
+    (default: about 512 MiB of them, 2 GiB on CUDA). hidden [N, H], weight [V, H], targets [N]
+    (IGNORE_INDEX -> 0, no gradient). Differentiable in hidden and weight. With return_entropy,
+    also the per-token entropy of the (tempered) distribution, not differentiable."""
+    hidden, weight = _gemm_operands(hidden, weight)
+    fn = TritonFusedLogprobs if hidden.is_cuda and triton is not None and TRITON_FORWARD else FusedLogprobs
     out, ent = fn.apply(hidden, weight, targets, float(temperature), _chunk_rows(weight, chunk), return_entropy)
     return (out, ent) if return_entropy else out
 
@@ -192,8 +229,9 @@ def _pair_chunks(pair_rows, chunk):
 def _row_blocks(d):
     """Row slices of a chunk of logits d [c, V], ~4 MiB each: the elementwise passes (logsumexp,
     softmax grad) run block by block in cache instead of streaming the chunk through memory, and
-    torch.logsumexp allocates a block-sized temporary instead of a second [c, V]."""
-    rows = max(1, (1 << 20) // d.shape[1])
+    torch.logsumexp allocates a block-sized temporary instead of a second [c, V]. On CUDA one
+    block: there each pass is a kernel launch, and the chunk streams at memory speed anyway."""
+    rows = len(d) if d.is_cuda else max(1, (1 << 20) // d.shape[1])
     return [slice(r, r + rows) for r in range(0, len(d), rows)]
 
 
@@ -222,8 +260,8 @@ class FusedDPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, seq, ref_chosen, ref_rejected, beta, eps, loss_type,
                 temperature, chunk):
-        P, acc = len(ref_chosen), _acc_dtype(hidden)
-        w = weight.to(acc)
+        P, acc, lo = len(ref_chosen), _acc_dtype(hidden), _lowp(hidden, weight)
+        w = weight if lo else weight.to(acc)
         keep = (targets != IGNORE_INDEX).to(acc)                                   # [N]
         rows = torch.bincount(seq, minlength=2 * P)                                # [2P] rows per completion
         if (rows == 0).any():
@@ -236,12 +274,12 @@ class FusedDPOLoss(torch.autograd.Function):
         ref = torch.stack([ref_chosen, ref_rejected], 1).to(acc)                   # [P, 2]
         pol = torch.zeros(2 * P, dtype=acc, device=hidden.device)                  # policy log-probs per completion
         dh = torch.zeros_like(hidden, dtype=acc)
-        dw = torch.zeros_like(w)
+        dw = torch.zeros_like(w, dtype=acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         chunks = _pair_chunks(rows.view(P, 2).sum(1).tolist(), chunk)
         buf = torch.empty(max(e - s for s, e, _, _ in chunks), w.shape[0], dtype=acc, device=hidden.device)
         for s, e, p0, p1 in chunks:
-            t, h = targets[s:e], hidden[s:e].to(acc)
+            t, h = targets[s:e], (hidden[s:e] if lo else hidden[s:e].to(acc))
             loc = seq[s:e] - 2 * p0                                                # completion within the chunk
             d = _chunk_logits(h, w, temperature, buf)                              # [c, V]
             blocks = _row_blocks(d)
@@ -258,8 +296,8 @@ class FusedDPOLoss(torch.autograd.Function):
             gt = (g[loc] * keep[s:e] / temperature)[:, None]                       # [c, 1] row weights / T
             for b in blocks:                                                       # d is now dlogits
                 _softmax_grad_(d[b], lse[b], t[b], gt[b])
-            dh[s:e] = d @ w
-            dw.addmm_(d.T, h)
+            dh[s:e] = _mm(d, w, acc)
+            _add_grad_w_(dw, d, h)
         ctx.grads = (dh, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         chosen, rejected = pol[0::2].contiguous(), pol[1::2].contiguous()          # [P] each
@@ -302,6 +340,7 @@ def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, be
                          f"seq {tuple(seq.shape)}, ref {tuple(ref_chosen.shape)}/{tuple(ref_rejected.shape)} disagree")
     if len(seq) and (bool((seq[1:] < seq[:-1]).any()) or int(seq[0]) < 0 or int(seq[-1]) >= 2 * P):
         raise ValueError(f"fused_dpo_loss: seq must be non-decreasing in [0, {2 * P}) (2i: pair i's chosen, 2i + 1: rejected)")
+    hidden, weight = _gemm_operands(hidden, weight)
     return FusedDPOLoss.apply(hidden, weight, targets, seq, ref_chosen, ref_rejected, float(beta),
                               float(label_smoothing), loss_type, float(temperature), _chunk_rows(weight, chunk))
 
@@ -312,7 +351,7 @@ def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, be
 if triton is not None:
     @triton.jit
     def _lse_kernel(h_ptr, w_ptr, t_ptr, out_ptr, lse_ptr, ent_ptr, N, V, H, inv_temp,
-                    BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr):
+                    BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, IEEE: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BN + tl.arange(0, BN)
         rmask = rows < N
@@ -330,7 +369,10 @@ if triton is not None:
                 kmask = ks < H
                 a = tl.load(h_ptr + rows[:, None] * H + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 b = tl.load(w_ptr + cols[None, :] * H + ks[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32))
+                if IEEE:  # float32 operands: full-precision products (Triton's default for them is TF32)
+                    acc += tl.dot(a, b, input_precision="ieee")
+                else:     # bf16 / fp16 operands: tensor-core products (exact), float32 accumulation
+                    acc += tl.dot(a, b)
             acc = acc * inv_temp
             acc = tl.where(cmask[None, :], acc, -float("inf"))
             new_m = tl.maximum(m, tl.max(acc, axis=1))
@@ -357,8 +399,11 @@ def _triton_forward(hidden, weight, targets, temperature):
     lse = torch.empty_like(out)
     ent = torch.empty_like(out)
     BN, BV, BH = 32, 64, 32
+    if hidden.dtype != weight.dtype:  # mixed operands: both in float32
+        hidden, weight = hidden.float(), weight.float()
     _lse_kernel[(triton.cdiv(N, BN),)](hidden.contiguous(), weight.contiguous(), targets.contiguous(),
-                                       out, lse, ent, N, V, H, 1.0 / temperature, BN=BN, BV=BV, BH=BH)
+                                       out, lse, ent, N, V, H, 1.0 / temperature, BN=BN, BV=BV, BH=BH,
+                                       IEEE=hidden.dtype == torch.float32)
     return out, lse, ent
 
 

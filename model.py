@@ -249,6 +249,7 @@ class Llama(nn.Module):
         self.cache_len = 0
         self.rope_cos = self.rope_sin = None  # [S, hd] float32 tables while a cache is set up
         self.w_head = None                     # _pack'ed lm_head weight while a cache is set up
+        self.checkpointing = False             # training: recompute each block in backward (activation memory / L)
 
     # -- KV cache ------------------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int):
@@ -294,7 +295,7 @@ class Llama(nn.Module):
             c.k, c.v = c.k[rows], c.v[rows]
 
     # -- forward -------------------------------------------------------------------------------
-    def hidden(self, idx, *, pos=None, valid=None, attn_mask=None, rows=None):
+    def hidden(self, idx, *, pos=None, valid=None, attn_mask=None, rows=None, static=False):
         """Final (normed) hidden states [B, T, H].
 
         Without a cache: causal attention over `idx`; `valid` [B, T] (1 = real token) masks padding
@@ -303,12 +304,13 @@ class Llama(nn.Module):
         the new tokens, each attends to slots <= its own position in its row, and `rows` [B] (long)
         names the cache rows of the batch (default: all, in order). `attn_mask` [B, T, T]
         bool (query, key; no cache) with explicit `pos` replaces the causal mask (packed pairs).
+        `static` (cache): all slots, masked past each position: fixed shapes for a CUDA graph.
         """
         B, T = idx.shape
         dev = idx.device
         if self.cache_len:
             assert pos is not None, "cached forward needs explicit positions"
-            return self._hidden_cached(idx, pos, rows)
+            return self._hidden_cached(idx, pos, rows, static)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         if attn_mask is not None:  # packed pairs: the caller's mask and positions
             assert pos is not None, "an explicit attention mask needs explicit positions"
@@ -326,15 +328,17 @@ class Llama(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         mask = mask[:, None]                                                     # [B, 1, T, S]
         x = self.model.embed_tokens(idx)                                         # [B, T, H]
-        for blk in self.model.layers:
-            x = blk(x, cos, sin, mask)
+        ckpt = self.checkpointing and torch.is_grad_enabled()
+        for blk in self.model.layers:  # checkpointed: only each block's input is kept for backward
+            x = torch.utils.checkpoint.checkpoint(blk, x, cos, sin, mask, use_reentrant=False) if ckpt \
+                else blk(x, cos, sin, mask)
         return self.model.norm(x)
 
-    def _hidden_cached(self, idx, pos, rows):
+    def _hidden_cached(self, idx, pos, rows, static):
         """hidden() with the KV cache: RoPE rows from the tables setup_cache built, and one
-        additive mask over the slots in use, [0, max position], shared by all layers."""
+        additive mask over the slots in use, [0, max position] (static: all), shared by all layers."""
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]     # [B, 1, T, hd]
-        slots = torch.arange(int(pos.max()) + 1, device=idx.device)
+        slots = torch.arange(self.cache_len if static else int(pos.max()) + 1, device=idx.device)
         mask = torch.zeros(*pos.shape, len(slots), dtype=self.lm_head.weight.dtype, device=idx.device)
         mask = mask.masked_fill_(slots > pos[..., None], float("-inf"))[:, None]  # [B, 1, T, S']
         nkv = self.config.num_key_value_heads

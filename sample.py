@@ -13,6 +13,7 @@ from model import Llama
 
 _TOP_K = (256, 4096)     # nucleus candidates tried with topk before a full sort of the vocabulary
 _MIN_SHARED_PREFIX = 16  # prompts of a call sharing at least this many leading tokens prefill them once
+CUDA_GRAPHS = True       # on CUDA, decode steps replay a captured graph (_GraphedDecode)
 
 
 @dataclass
@@ -106,10 +107,42 @@ def prefill(model, prompts, rows, start):
     return model.head_logits(h[torch.arange(len(prompts), device=dev), lens - 1])  # [R, V]
 
 
-def decode_one(model, tok, pos):
+def decode_one(model, tok, pos, static=False):
     """One decode step of every cache row: token ids [B] at positions [B] -> float32 logits [B, V]."""
-    h = model.hidden(tok[:, None], pos=pos[:, None])                        # [B, 1, H]
+    h = model.hidden(tok[:, None], pos=pos[:, None], static=static)         # [B, 1, H]
     return model.head_logits(h[:, 0])
+
+
+class _GraphedDecode:
+    """decode_one (static shapes) captured as a CUDA graph and replayed, gpt-fast's
+    reduce-overhead idea by hand: a small model's step is hundreds of kernel launches, each costing
+    more host time than its GPU work. The first call runs the step for real (on a side stream, as
+    capture needs a warm-up) and captures it; later calls replay it. Valid while the cache tensors
+    stay the same ones: select_cache_rows makes new ones, and `fits` says to capture again."""
+
+    def __init__(self, model):
+        self.cache = model.model.layers[0].self_attn.cache.k
+        self.graph = None
+
+    def fits(self, model):
+        return self.cache is model.model.layers[0].self_attn.cache.k
+
+    def __call__(self, model, tok, pos):
+        if self.graph is None:
+            self.tok, self.pos = tok.clone(), pos.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # the real step: writes this step's keys and values
+                out = decode_one(model, self.tok, self.pos, static=True)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run
+                self.logits = decode_one(model, self.tok, self.pos, static=True)
+            return out
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 @torch.no_grad()
@@ -182,6 +215,7 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
                  torch.zeros(B, model.config.vocab_size, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
                  torch.zeros(B, max_new, device=dev))
     res = [[None] * n for _ in prompts]
+    graphed = _GraphedDecode(model) if dev.type == "cuda" and CUDA_GRAPHS else None
     plog = {}                    # prompt -> logits after its last token, while samples of it wait
     done = 0                     # work admitted so far
     while True:
@@ -207,7 +241,9 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
             model.select_cache_rows(torch.tensor(ki, device=dev))
             nxt = nxt[torch.tensor(ki, device=dev)]
             rows.keep(ki)
-        rows.logits = decode_one(model, nxt, rows.pos)                      # [B, V]
+        if graphed is not None and not graphed.fits(model):
+            graphed = _GraphedDecode(model)
+        rows.logits = graphed(model, nxt, rows.pos) if graphed else decode_one(model, nxt, rows.pos)  # [B, V]
         rows.pos = rows.pos + 1
     model.clear_cache()
     return res

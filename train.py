@@ -79,6 +79,7 @@ class RunConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str = "bfloat16"          # training: bf16 autocast on float32 master weights (faster here); float32: exact
     threads: int | None = None
+    activation_checkpointing: bool = False  # recompute each block in backward: activation memory / layers
     no_progress: bool = False
     keep_checkpoints: bool = False   # a finished stage keeps its ckpt-* (model + optimizer state) too
 
@@ -97,7 +98,9 @@ class RunConfig:
 def load_model(cfg: RunConfig, path, score_head=None):
     """The model to train: float32 parameters (master weights, optimizer state) whatever --dtype;
     --dtype bfloat16 trains them under bf16 autocast (fit), --dtype float32 is exact float32."""
-    return Llama.from_pretrained(path, dtype=torch.float32, device=cfg.device, score_head=score_head)
+    model = Llama.from_pretrained(path, dtype=torch.float32, device=cfg.device, score_head=score_head)
+    model.checkpointing = cfg.activation_checkpointing
+    return model
 
 
 def load_sampler(cfg: RunConfig, path):
@@ -207,7 +210,8 @@ def _held_out_accuracy(cfg, model_path, pairs, tok, title):
 
 
 # RunConfig fields a resume may change: they do not change what the run computes
-_RESUME_FREE = ("out", "resume", "device", "threads", "no_progress", "max_steps", "save_every", "keep_checkpoints")
+_RESUME_FREE = ("out", "resume", "device", "threads", "activation_checkpointing", "no_progress", "max_steps",
+                "save_every", "keep_checkpoints")
 _KEEPS = """what a run directory keeps: args.json (the arguments, written once the inputs are read), metrics.jsonl,
 report.json, the STaR artefacts and each stage's final model (model/, or iter_{i}/model/ for STaR). While a
 stage trains, its last two checkpoints train/ckpt-NNNNNN/ (model plus optimizer state, about 3x the model's
@@ -273,6 +277,8 @@ def parse_args(argv=None) -> RunConfig:
                    help="bfloat16: train under bf16 autocast on float32 master weights and optimizer, "
                         "sample in bf16; float32: exact float32 everywhere (oracle runs)")
     g.add_argument("--threads", type=number(int, 1), default=D.threads, help="torch CPU threads (default: torch's)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in backward (activation memory ~ 1/layers; ~1/3 more compute)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     g.add_argument("--keep-checkpoints", action="store_true",
                    help="a finished stage keeps its last two checkpoints (model + optimizer state) beside its model")

@@ -38,11 +38,13 @@ def run_fit(kind, tmp, steps, out, save_every=0):
     save_model(model, Path(out) / "model")
 
 
-def grads(kind, tmp, out):
+def grads(kind, tmp, out, checkpointing=False):
     """The gradient of one optimizer step (2 micro-batches of 2), gathered in full on rank 0."""
     tok, base = CharTok(), Path(tmp) / "base"
     ex, step = examples(kind, tok, base, tmp)
-    model = dist.shard(Llama.from_pretrained(base))
+    model = Llama.from_pretrained(base)
+    model.checkpointing = checkpointing
+    model = dist.shard(model)
     loss, _ = accumulate_gradients(model, [ex[:2], ex[2:]], step, tok.pad_id)
     g = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
     if dist.rank() == 0:
@@ -62,6 +64,8 @@ if __name__ == "__main__":
     case, tmp = sys.argv[1], sys.argv[2]
     if case in ("sft", "dpo"):
         run_fit(case, tmp, 1, Path(tmp) / f"{case}_{dist.world()}")
+    elif case == "grad_dpo_ckpt":  # activation checkpointing inside FSDP2's blocks
+        grads("dpo", tmp, Path(tmp) / f"{case}_{dist.world()}.pt", checkpointing=True)
     elif case.startswith("grad_"):
         grads(case[5:], tmp, Path(tmp) / f"{case}_{dist.world()}.pt")
     elif case == "ckpt":

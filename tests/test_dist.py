@@ -54,6 +54,17 @@ def test_gradients_on_two_ranks_equal_one_process(tmp, kind):
         assert torch.allclose(g, two["grads"][n], atol=1e-6), n
 
 
+def test_activation_checkpointing_under_fsdp2_same_gradients(tmp):
+    """Blocks recomputed in backward inside FSDP2's shards (2 ranks) give one process's gradients
+    without checkpointing."""
+    launch("grad_dpo", tmp, 1)
+    launch("grad_dpo_ckpt", tmp, 2)
+    one, two = (torch.load(tmp / f) for f in ("grad_dpo_1.pt", "grad_dpo_ckpt_2.pt"))
+    assert abs(one["loss"] - two["loss"]) < 1e-6
+    for n, g in one["grads"].items():
+        assert torch.allclose(g, two["grads"][n], atol=1e-6), n
+
+
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_one_step_on_two_ranks_equals_one_process(tmp, kind):
     launch(kind, tmp, 1)

@@ -152,6 +152,28 @@ def test_kv_cache_prefill_and_decode_equal_full_forward():
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
 
 
+def test_activation_checkpointing_same_loss_and_gradients():
+    """--activation-checkpointing recomputes each block in backward (each block runs twice) and
+    gives the same loss and gradients as keeping the activations (float32, padded batch)."""
+    idx = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :4] = False  # left padding
+    out = {}
+    for ck in (False, True):
+        m = tiny_model(seed=5).train()
+        m.checkpointing = ck
+        calls = []
+        for blk in m.model.layers:  # count the MLP's runs (forward hooks do not fire in recompute)
+            blk.mlp.forward = (lambda f: lambda x: (calls.append(1), f(x))[1])(blk.mlp.forward)
+        loss = (m(idx, valid=valid).log_softmax(-1)[..., 7] * valid).sum()
+        loss.backward()
+        out[ck] = (loss.item(), {n: p.grad.clone() for n, p in m.named_parameters()}, len(calls))
+    assert out[False][2] == 2 and out[True][2] == 4  # two blocks, run once vs forward + recompute
+    assert abs(out[False][0] - out[True][0]) < 1e-5
+    for n, g in out[False][1].items():
+        assert torch.allclose(g, out[True][1][n], atol=1e-6, rtol=1e-5), n
+
+
 def test_padding_does_not_change_logits():
     """Left and right padding with a validity mask give the unpadded logits."""
     m = tiny_model(seed=4)

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model
 from model import Llama
 import sample
-from sample import generate, pick_next, top_p_filter
+from sample import decode_one, generate, pick_next, prefill, top_p_filter
 
 
 def prompts():
@@ -207,3 +207,25 @@ def test_bfloat16_model_samples_close_to_float32():
                 lp = torch.log_softmax(m(torch.tensor([p + c.tokens]))[0], -1)
             want = torch.tensor([float(lp[len(p) - 1 + t, tk]) for t, tk in enumerate(c.tokens)])
             assert (torch.tensor(c.logprobs) - want).abs().max() < 0.25   # bf16 rounding, not a wrong token
+
+
+def test_static_decode_step_equals_dynamic():
+    """The static-shape step (all cache slots, masked past each row's position: what a CUDA graph
+    replays) gives the logits of the step over the slots in use, and writes the same cache."""
+    m = tiny_model(seed=2)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    out = []
+    with torch.no_grad():
+        for static in (False, True):
+            m.setup_cache(2, 16)
+            logits = prefill(m, prompts, torch.arange(2), 0)
+            tok, pos = logits.argmax(-1), torch.tensor([len(p) for p in prompts])
+            steps = []
+            for _ in range(4):
+                logits = decode_one(m, tok, pos, static=static)
+                steps.append(logits)
+                tok, pos = logits.argmax(-1), pos + 1
+            out.append((torch.stack(steps), m.model.layers[1].self_attn.cache.k[:, :, :10].clone()))
+            m.clear_cache()
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert torch.allclose(out[0][1], out[1][1], atol=1e-6)
