@@ -28,7 +28,7 @@ from files import atomic_write, read_jsonl
 from gguf import DEFAULT_MODEL
 from kernels import pair_rewards
 from model import Llama, check_pretrained
-from scores import markdown, summarize
+from scores import fmt_acc, markdown, summarize
 
 # ----------------------------------------------------------------------------------------------
 # judgements: one record per pair, {"order": {"A"|"B": judgement}} where the key says which
@@ -116,7 +116,7 @@ def judge_report(model, tok, pairs, *, title, samples, max_new_tokens, seed, pro
     al = s["per_category"]["all"]
     if dist.rank() == 0:
         print(f"[{title}] held-out judge accuracy (CoT, maj@{samples}, both orders, n={len(pairs)}): "
-              f"{al['maj@N']:.3f}  | length baseline {al['longer']:.3f}  | forced verdicts "
+              f"{fmt_acc(al['maj@N'], al['ci']['maj@N'])}  | length baseline {al['longer']:.3f}  | forced verdicts "
               f"{s.get('forced_rate', 0):.2f}, parse failures {s.get('parse_failure_rate', 0):.2f}")
     return s
 

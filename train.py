@@ -22,6 +22,7 @@ import torch
 
 import dist
 import genrm
+import stats
 from data import LoadStats, load_completions, load_pairs, load_tokenizer, pair_examples, sft_examples
 from eval import HelpFormatter, judge_report, number
 from files import read_json, read_jsonl, write_json, write_jsonl
@@ -209,6 +210,20 @@ def _held_out_accuracy(cfg, model_path, pairs, tok, title):
                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
 
 
+def _paired_change(before, after, log):
+    """after - before on the same held-out pairs (maj@N, each pair the mean of its two orders),
+    with the paired bootstrap's 95% interval and p-value (stats.paired_bootstrap)."""
+    a, b = after["per_pair"], before["per_pair"]
+    if a["id"] != b["id"]:  # cannot happen with one tokenizer; say so rather than pair the wrong ones
+        log("[after - before] not paired: the evaluated pairs differ")
+        return None
+    keep = [i for i, (x, y) in enumerate(zip(a["maj@N"], b["maj@N"])) if x is not None and y is not None]
+    d = stats.paired_bootstrap([[a["maj@N"][i] for i in keep]], [[b["maj@N"][i] for i in keep]], seed=0)
+    log(f"[after - before] {d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] (paired bootstrap over the "
+        f"{len(keep)} held-out pairs, p = {d['p']:.2f})")
+    return d
+
+
 # RunConfig fields a resume may change: they do not change what the run computes
 _RESUME_FREE = ("out", "resume", "device", "threads", "activation_checkpointing", "no_progress", "max_steps",
                 "save_every", "keep_checkpoints")
@@ -389,6 +404,7 @@ def main(argv=None):
 
     if heldout is not None:
         report["after"] = _held_out_accuracy(cfg, final, heldout, tok, "after")
+        report["after_minus_before"] = _paired_change(report["before"], report["after"], log)
     report.update(final_model=final, seconds=round(time.time() - t0, 1))
     if rank == 0:
         write_json(out / "report.json", report)

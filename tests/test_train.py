@@ -197,3 +197,20 @@ def test_cli_end_to_end_on_the_default_model(tmp_path, smollm):
     rows = [json.loads(l) for l in open(tmp_path / "run" / "train" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["loss"])
     assert rep["final_model"] == str(out)
+
+
+def test_before_after_change_is_paired_over_the_same_pairs():
+    """The main job's "[after - before]" line: the mean of per-pair differences (maj@N, a pair
+    judged in both orders scores 0, 0.5 or 1), a paired interval around it, pairs without a score
+    left out, and no pairing at all when the evaluated pairs differ."""
+    ids = [f"p{i}" for i in range(40)]
+    before = {"per_pair": {"id": ids, "maj@N": [0.5] * 40}}
+    after = {"per_pair": {"id": ids, "maj@N": [1.0] * 10 + [0.5] * 25 + [0.0] * 4 + [None]}}
+    lines = []
+    d = T._paired_change(before, after, lines.append)
+    diffs = [0.5] * 10 + [0.0] * 25 + [-0.5] * 4
+    assert abs(d["diff"] - sum(diffs) / len(diffs)) < 1e-12
+    assert d["ci"][0] < d["diff"] < d["ci"][1] and d["ci"][0] > -0.5 and d["ci"][1] < 0.5
+    assert "39 held-out pairs" in lines[0]
+    moved = {"per_pair": {"id": ids[::-1], "maj@N": [1.0] * 40}}
+    assert T._paired_change(before, moved, lines.append) is None and "not paired" in lines[-1]
