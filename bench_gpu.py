@@ -12,7 +12,7 @@ from kernels import pair_logps
 from losses import make_step_dpo
 from model import Llama, LlamaConfig, rope_inv_freq
 import sample
-from sample import _GraphedDecode, decode_one, generate, pick_next, prefill
+from sample import GraphedDecode, decode_one, generate, pick_next, prefill
 
 
 def timed(fn, repeats):
@@ -40,7 +40,7 @@ def decode_step_case(m, prompt, n, repeats, steps=16, graphs=False):
     m.copy_cache_rows(torch.zeros(n - 1, dtype=torch.long, device=dev), torch.arange(1, n, device=dev), len(prompt))
     st = {"tok": pick_next(logits, 1.0, 0.95, torch.rand(n, device=dev)), "pos": torch.full((n,), len(prompt), device=dev)}
 
-    graphed = _GraphedDecode(m) if graphs else None
+    graphed = GraphedDecode(m) if graphs else None
 
     def run():
         for _ in range(steps):

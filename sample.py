@@ -13,7 +13,7 @@ from model import Llama
 
 _TOP_K = (256, 4096)     # nucleus candidates tried with topk before a full sort of the vocabulary
 _MIN_SHARED_PREFIX = 16  # prompts of a call sharing at least this many leading tokens prefill them once
-CUDA_GRAPHS = True       # on CUDA, decode steps replay a captured graph (_GraphedDecode)
+CUDA_GRAPHS = True       # on CUDA, decode steps replay a captured graph (GraphedDecode)
 
 
 @dataclass
@@ -113,7 +113,7 @@ def decode_one(model, tok, pos, static=False):
     return model.head_logits(h[:, 0])
 
 
-class _GraphedDecode:
+class GraphedDecode:
     """decode_one (static shapes) captured as a CUDA graph and replayed, gpt-fast's
     reduce-overhead idea by hand: a small model's step is hundreds of kernel launches, each costing
     more host time than its GPU work. The first call runs the step for real (on a side stream, as
@@ -215,7 +215,7 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
                  torch.zeros(B, model.config.vocab_size, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
                  torch.zeros(B, max_new, device=dev))
     res = [[None] * n for _ in prompts]
-    graphed = _GraphedDecode(model) if dev.type == "cuda" and CUDA_GRAPHS else None
+    graphed = GraphedDecode(model) if dev.type == "cuda" and CUDA_GRAPHS else None
     plog = {}                    # prompt -> logits after its last token, while samples of it wait
     done = 0                     # work admitted so far
     while True:
@@ -242,7 +242,7 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
             nxt = nxt[torch.tensor(ki, device=dev)]
             rows.keep(ki)
         if graphed is not None and not graphed.fits(model):
-            graphed = _GraphedDecode(model)
+            graphed = GraphedDecode(model)
         rows.logits = graphed(model, nxt, rows.pos) if graphed else decode_one(model, nxt, rows.pos)  # [B, V]
         rows.pos = rows.pos + 1
     model.clear_cache()
