@@ -265,8 +265,11 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                     help="model dtype for judging (default: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if not a.data and not a.best_of_n:
         ap.error("give --data FILE... and/or --best-of-n FILE")
     tok, data, cands = _read_inputs(a)

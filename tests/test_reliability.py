@@ -119,7 +119,8 @@ def test_bad_numbers_are_one_line_errors_and_write_nothing(tmp_path, capsys, mon
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv", [["--samples", "0"], ["--limit", "-1"], ["--batch-size", "0"], ["--top-p", "0"]])
+@pytest.mark.parametrize("argv", [["--samples", "0"], ["--limit", "-1"], ["--batch-size", "0"], ["--top-p", "0"],
+                                  ["--threads", "0"]])
 def test_bad_numbers_in_eval_and_compare(tmp_path, capsys, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
