@@ -25,7 +25,6 @@ import time
 
 import torch
 
-import kernels
 from bench_gpu import bandwidth, bench_sample_cuda, bench_train_cuda, decode_step_case, timed
 from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
 from eval import HelpFormatter
@@ -130,7 +129,6 @@ def logprobs_case(kind, N, H, V, dtype, device, repeats, chunk):
     rc, rr = (torch.randn(N // 128, device=device) - 64 * math.log(V) for _ in range(2))  # reference sums
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # GiB (ru_maxrss is KiB)
     liger = {}
-    kernels.TRITON_FORWARD = kind == "fused_triton"
     if kind.startswith("liger"):
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -141,7 +139,7 @@ def logprobs_case(kind, N, H, V, dtype, device, repeats, chunk):
                  "dpo": LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False)}
 
     def run():
-        if kind in ("fused", "fused_triton"):  # per-token output, recompute in backward (every objective)
+        if kind == "fused":       # per-token output, recompute in backward (every objective)
             fused_logprobs(h, w, t, chunk=chunk).sum().backward()
         elif kind == "fused_sum":  # scalar weighted sum, gradients in forward (SFT, Eq. 7, Eq. 8)
             fused_logprob_sum(h, w, t, chunk=chunk).backward()
@@ -184,7 +182,7 @@ def bench_logprobs(a):
             kinds += ["liger_sum", "liger_dpo"]
         except ImportError:
             print("(Liger not benchmarked: liger_kernel is not installed)")
-        cases = [(k, 16384, 4096, 128256, "bfloat16", "cuda") for k in kinds + ["fused_triton"] * (kernels.triton is not None)]
+        cases = [(k, 16384, 4096, 128256, "bfloat16", "cuda") for k in kinds]
     rows = []
     for c in cases:
         code = (f"import json, bench, torch; torch.set_num_threads({a.threads}); "

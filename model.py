@@ -302,12 +302,10 @@ class Llama(nn.Module):
         keys (left or right padding), and positions default to the count of real tokens before
         each token. With a cache (`setup_cache`): `pos` [B, T] are the positions (= cache slots) of
         the new tokens, each attends to slots <= its own position in its row, and `rows` [B] (long)
-        names the cache rows of the batch (default: all, in order). `attn_mask` [B, T, T]
-        bool (query, key; no cache) with explicit `pos` replaces the causal mask (packed pairs).
-        `static` (cache): all slots, masked past each position: fixed shapes for a CUDA graph.
-        """
-        B, T = idx.shape
-        dev = idx.device
+        names the cache rows of the batch (default: all, in order); `static`: all slots, masked past
+        each position (fixed shapes for a CUDA graph). `attn_mask` [B, T, T] bool (query, key; no
+        cache) with explicit `pos` replaces the causal mask (packed pairs)."""
+        (B, T), dev = idx.shape, idx.device
         if self.cache_len:
             assert pos is not None, "cached forward needs explicit positions"
             return self._hidden_cached(idx, pos, rows, static)

@@ -1,7 +1,4 @@
 """fused_logprobs against the naive log_softmax(h @ W.T / T).gather, values and gradients."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -76,25 +73,6 @@ def test_gradcheck_float64():
     h, w, t = inputs(N=6, H=5, V=9)
     h, w = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: FusedLogprobs.apply(a, b, t, 1.3, 4, False)[0], (h, w))
-
-
-def test_triton_kernel_matches_under_interpreter():
-    """The Triton forward kernel, run by Triton's CPU interpreter in a subprocess."""
-    pytest.importorskip("triton", reason="triton is not installed (optional; pip install triton)")
-    code = (
-        "import torch, kernels\n"
-        "from tests.test_fused import inputs, naive\n"
-        "h, w, t = inputs(N=45, H=40, V=150)\n"
-        "out, lse, ent = kernels._triton_forward(h.detach(), w.detach(), t, 0.9)\n"
-        "ref = naive(h.detach(), w.detach(), t, 0.9)\n"
-        "lg = (h.detach() @ w.detach().T) / 0.9\n"
-        "assert (out - ref).abs().max() < 1e-4, (out - ref).abs().max()\n"
-        "assert (lse - lg.logsumexp(-1)).abs().max() < 1e-4\n"
-        "print('ok')\n")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1.5])
