@@ -151,8 +151,9 @@ def bench_sample_cuda(a):
         wbytes = sum(p.numel() * p.element_size() for p in m.parameters())
         for gr in (False, True) if dev == "cuda" else (False,):
             t = decode_step_case(m, judge, n, a.repeats, graphs=gr)
-            steps.append({"shape": shape + (", CUDA graph" if gr else ", eager"), "step_ms": t[0] * 1e3, "step_ms_median": t[1] * 1e3, "weight_gb": wbytes / 1e9,
-                          "bandwidth_gb_s": bw / 1e9, "limit_ms": wbytes / bw * 1e3, "ratio_to_limit": t[0] * bw / wbytes})
+            steps.append({"shape": shape + (", CUDA graph" if gr else ", eager"), "step_ms": t[0] * 1e3,
+                          "step_ms_median": t[1] * 1e3, "weight_gb": wbytes / 1e9, "bandwidth_gb_s": bw / 1e9,
+                          "limit_ms": wbytes / bw * 1e3, "ratio_to_limit": t[0] * bw / wbytes})
             print(json.dumps(steps[-1]))
         del hf, m
     print(f"\nbf16 on {torch.cuda.get_device_name() if dev == 'cuda' else dev}, random weights, {new} new tokens\n")

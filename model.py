@@ -323,13 +323,11 @@ class Llama(nn.Module):
             pos = (valid.long().cumsum(-1) - 1).clamp(min=0) if pos is None else pos
         freqs = pos[..., None].float() * self.inv_freq                          # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                         # [B, 1, T, hd]
-        cos, sin = emb.cos(), emb.sin()
-        mask = mask[:, None]                                                     # [B, 1, T, S]
+        args = (emb.cos(), emb.sin(), mask[:, None])                            # cos, sin; mask [B, 1, T, S]
         x = self.model.embed_tokens(idx)                                         # [B, T, H]
-        ckpt = self.checkpointing and torch.is_grad_enabled()
-        for blk in self.model.layers:  # checkpointed: only each block's input is kept for backward
-            x = torch.utils.checkpoint.checkpoint(blk, x, cos, sin, mask, use_reentrant=False) if ckpt \
-                else blk(x, cos, sin, mask)
+        ckpt = self.checkpointing and torch.is_grad_enabled()  # then each block keeps only its input
+        for blk in self.model.layers:
+            x = torch.utils.checkpoint.checkpoint(blk, x, *args, use_reentrant=False) if ckpt else blk(x, *args)
         return self.model.norm(x)
 
     def _hidden_cached(self, idx, pos, rows, static):
