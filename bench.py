@@ -295,7 +295,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--new-tokens", type=int, default=128, help="sample: tokens generated per row")
     ap.add_argument("--nocache", action="store_true", help="also time the no-cache loop (slow)")
-    ap.add_argument("--chunk", type=int, default=0, help="fused kernel rows per chunk (0: ~512 MiB of float32 logits, 2 GiB on CUDA)")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="fused kernel rows per chunk (0: ~512 MiB of float32 logits, 2 GiB on CUDA)")
     ap.add_argument("--cuda", action="store_true", help="the CUDA GPU cases (bf16) instead of the CPU ones")
     ap.add_argument("--kinds", default="fused,fused_sum,naive,dpo,naive_dpo", help="logprobs: the ways to run")
     g = ap.add_argument_group("with --cuda (or --device cpu --shapes tiny / --shape tiny: a check of this code)")

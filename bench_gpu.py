@@ -39,7 +39,6 @@ def decode_step_case(m, prompt, n, repeats, steps=16, graphs=False):
     logits = prefill(m, [prompt], torch.zeros(1, dtype=torch.long, device=dev), 0).repeat(n, 1)
     m.copy_cache_rows(torch.zeros(n - 1, dtype=torch.long, device=dev), torch.arange(1, n, device=dev), len(prompt))
     st = {"tok": pick_next(logits, 1.0, 0.95, torch.rand(n, device=dev)), "pos": torch.full((n,), len(prompt), device=dev)}
-
     graphed = GraphedDecode(m) if graphs else None
 
     def run():
@@ -87,9 +86,15 @@ def random_models(cfg, device, dtype, hf=True):
     return (h if hf else None), ours.eval()
 
 
-def cuda_timed(fn, repeats):
-    torch.cuda.synchronize()
-    return timed(lambda: (fn(), torch.cuda.synchronize()), repeats)
+def _sync(dev):
+    """Wait for the device's queued work (CUDA runs asynchronously; a CPU run needs nothing)."""
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cuda_timed(fn, repeats):
+    _sync("cuda")
+    return timed(lambda: (fn(), _sync("cuda")), repeats)
 
 
 def device_bandwidth(device):
@@ -98,7 +103,7 @@ def device_bandwidth(device):
         return bandwidth()
     x = torch.empty(2 ** 28, device=device)
     y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / cuda_timed(lambda: y.copy_(x), 5)[0]
+    return 2 * x.numel() * 4 / _cuda_timed(lambda: y.copy_(x), 5)[0]
 
 
 def bench_sample_cuda(a):
@@ -106,7 +111,6 @@ def bench_sample_cuda(a):
     greedy tokens against HF (TF32 off); decode step against weight bytes / measured bandwidth."""
     dev = a.device
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     new, n = a.new_tokens, 8
     rows, steps = [], []
     for shape in a.shapes.split(","):
@@ -134,14 +138,14 @@ def bench_sample_cuda(a):
             def ours_run():
                 sample.CUDA_GRAPHS = gr
                 generate(m, [prompt], n=k, max_new_tokens=new, temperature=temp, top_p=0.95, progress=False)
-                sync()
+                _sync(dev)
 
             def hf_run():
                 with torch.no_grad():
                     hf.generate(torch.tensor([prompt], device=dev), max_new_tokens=new, min_new_tokens=new,
                                 do_sample=temp > 0, num_return_sequences=k, top_p=0.95 if temp else None,
                                 temperature=1.0 if temp else None, top_k=None, pad_token_id=0)
-                sync()
+                _sync(dev)
             ours_run(), hf_run()  # warm-up
             o, h = timed(ours_run, a.repeats), timed(hf_run, a.repeats)
             rows.append({"shape": shape, "case": name, "ours_tok_s": k * new / o[0], "ours_tok_s_median": k * new / o[1],
@@ -189,9 +193,8 @@ def bench_train_cuda(a):
     80 GB GPU: FSDP2 over several shards it), and our default recipe (float32 master weights,
     bf16 autocast, AdamW) on fewer layers; each with and without activation checkpointing."""
     dev = a.device
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    peak = 2 * 8192 ** 3 / cuda_timed(lambda: x @ x, 10)[0] if dev == "cuda" else float("nan")
+    peak = 2 * 8192 ** 3 / _cuda_timed(lambda: x @ x, 10)[0] if dev == "cuda" else float("nan")
     del x
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -220,7 +223,7 @@ def bench_train_cuda(a):
                 (loss / len(batch)).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                sync()
+                _sync(dev)
             try:
                 step()  # warm-up
                 if dev == "cuda":

@@ -39,7 +39,7 @@ def barrier():
 def finish():
     """End a torchrun worker once every rank is done: barrier, leave the group, and exit without
     interpreter teardown, where gloo's threads can abort the process ('terminate called without an
-    active exception') after all work succeeded. A single process just returns."""
+    active exception') after all work succeeded. A process not launched by torchrun just returns."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
