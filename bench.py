@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from bench_gpu import bandwidth, bench_sample_cuda, bench_train_cuda, decode_step_case, timed
+from bench_gpu import (bandwidth, bench_sample_cuda, bench_train_cuda, decode_flops, decode_step_case,
+                       gemm_flops, timed)
 from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
 from eval import HelpFormatter
 from genrm import judge_messages
@@ -91,8 +92,12 @@ def bench_sample(a):
     for dt, model in (("float32", m), ("bfloat16", m16)):
         t = decode_step_case(model, judge, n, a.repeats)
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head once
+        flops, peak = decode_flops(model, n, len(judge) + 16), gemm_flops(model.lm_head.weight.dtype)
+        limit = max(wbytes / bw, flops / peak)  # the step can beat neither reading the weights nor its FLOPs
         steps.append({"dtype": dt, "step_ms": t[0] * 1e3, "step_ms_median": t[1] * 1e3, "weight_mb": wbytes / 1e6,
-                      "bandwidth_gb_s": bw / 1e9, "limit_ms": wbytes / bw * 1e3, "ratio_to_limit": t[0] * bw / wbytes})
+                      "bandwidth_gb_s": bw / 1e9, "limit_ms": wbytes / bw * 1e3, "ratio_to_limit": t[0] * bw / wbytes,
+                      "gflop": flops / 1e9, "gemm_gflop_s": peak / 1e9, "flop_limit_ms": flops / peak * 1e3,
+                      "ratio_to_both_limits": t[0] / limit})
         print(json.dumps(steps[-1]))
     print("\n| case | ours tok/s (best / median) | HF generate tok/s (best / median) | ours / HF | no-cache loop tok/s |")
     print("|---|---|---|---|---|")
@@ -102,12 +107,15 @@ def bench_sample(a):
         nc = f"{r['nocache_tok_s']:.1f}" if "nocache_tok_s" in r else "-"
         print(f"| {r['case']} | {r['ours_tok_s']:.1f} / {r['ours_tok_s_median']:.1f} | {hfc} | {rat} | {nc} |")
     print(f"\ndecode step, {n} rows after the {len(judge)}-token judge prompt (forward, lm_head, top-p pick); "
-          f"limit = weight bytes / bandwidth (sum over 512 MiB, best of 5)\n")
-    print("| dtype | step ms (best / median) | weights MB | bandwidth GB/s | limit ms | step / limit |")
-    print("|---|---|---|---|---|---|")
+          f"limit = weight bytes / bandwidth (sum over 512 MiB, best of 5); FLOP limit = the step's FLOPs / "
+          f"a 1024^3 matmul's FLOP/s (best of 5)\n")
+    print("| dtype | step ms (best / median) | weights MB | bandwidth GB/s | limit ms | step / limit | "
+          "GFLOP | matmul GFLOP/s | FLOP limit ms | step / larger limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in steps:
         print(f"| {r['dtype']} | {r['step_ms']:.1f} / {r['step_ms_median']:.1f} | {r['weight_mb']:.0f} | "
-              f"{r['bandwidth_gb_s']:.1f} | {r['limit_ms']:.1f} | {r['ratio_to_limit']:.2f}x |")
+              f"{r['bandwidth_gb_s']:.1f} | {r['limit_ms']:.1f} | {r['ratio_to_limit']:.2f}x | {r['gflop']:.2f} | "
+              f"{r['gemm_gflop_s']:.0f} | {r['flop_limit_ms']:.1f} | {r['ratio_to_both_limits']:.2f}x |")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,13 +31,29 @@ def bandwidth(repeats=5):
     return buf.numel() * 4 / timed(buf.sum, repeats)[0]
 
 
-def decode_step_case(m, prompt, n, repeats, steps=16, graphs=False):
+def gemm_flops(dtype, repeats=5):
+    """FLOP/s this machine's matmul reaches in dtype: a 1024^3 matmul, best of `repeats`."""
+    a = torch.randn(1024, 1024, dtype=dtype)
+    a @ a  # warm-up
+    return 2 * 1024 ** 3 / timed(lambda: a @ a, repeats)[0]
+
+
+def decode_flops(m, rows, context):
+    """FLOPs of one decode step of `rows` rows over `context` cache slots: every linear weight
+    (lm_head included) once per row, plus q.k and p.v over the slots."""
+    c = m.config
+    lin = sum(p.numel() for k, p in m.named_parameters() if k.endswith("proj.weight")) + m.lm_head.weight.numel()
+    return 2 * rows * lin + 4 * rows * c.num_hidden_layers * c.num_attention_heads * c.head_dim * context
+
+
+def decode_step_case(m, prompt, n, repeats, steps=16, graphs=False, share=True):
     """Seconds (min, median over `repeats` runs of `steps` steps) of one sampling decode step with
     n rows after `prompt`: the model forward, lm_head, top-p 0.95 pick and the token's log-prob."""
     dev = m.lm_head.weight.device
     m.setup_cache(n, len(prompt) + steps * (repeats + 1) + 1)
     logits = prefill(m, [prompt], torch.zeros(1, dtype=torch.long, device=dev), 0).repeat(n, 1)
     m.copy_cache_rows(torch.zeros(n - 1, dtype=torch.long, device=dev), torch.arange(1, n, device=dev), len(prompt))
+    m.share_prefix(len(prompt) if share else 0)  # as the sampler does: the prompt read once per step
     st = {"tok": pick_next(logits, 1.0, 0.95, torch.rand(n, device=dev)), "pos": torch.full((n,), len(prompt), device=dev)}
     graphed = GraphedDecode(m) if graphs else None
 

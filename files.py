@@ -1,4 +1,5 @@
-"""Files that never end half-written: atomic writes (temp file, then rename) and JSONL.
+"""Files that never end half-written: atomic writes (temp file, then rename) and JSONL; and model
+weights read with errors that name the file.
 
 Every artefact of a run (checkpoints, STaR samples, reports) goes through `atomic_write`, so a
 killed process leaves either the old file or the new one, never a torn one.
@@ -7,6 +8,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 
 def atomic_write(dst, write_fn):
@@ -63,3 +67,33 @@ def write_jsonl(path, rows):
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     atomic_write(path, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# model weights (safetensors), read with errors that name the file
+
+def weight_files(path: Path) -> list:
+    """The safetensors file(s) of an HF-format directory (one, or the shards its index names)."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        return [single]
+    if index.exists():
+        return [path / s for s in sorted(set(read_json(index).get("weight_map", {}).values()))]
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def read_safetensors(f: Path, header_only=False) -> dict:
+    """A safetensors file's tensors (or only its header: the tensor offsets, so a truncated file
+    shows without reading the weights); truncated or not safetensors: an error naming the file."""
+    try:
+        if header_only:
+            with safe_open(str(f), "pt"):
+                return {}
+        return load_file(str(f))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
+
+
+def load_state_dict(path: Path) -> dict:
+    """Every tensor of an HF-format directory's safetensors file(s)."""
+    return {k: v for f in weight_files(path) for k, v in read_safetensors(f).items()}

@@ -51,7 +51,7 @@ USER_TEMPLATE = ("[Chat Context]\n{chat}\n\n"
                  "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
                  "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]")
 RATIONALIZER_ASK = "\n\nExplain why response {win} is better than response {lose}."  # Fig. 7
-VERDICT_PREFIX = "\n\nFinal verdict: [["  # appended to force a verdict (our choice; see force_verdicts)
+VERDICT_PREFIX = "\n\nFinal verdict: [["  # appended to force a verdict (our choice; see forced_verdicts)
 PROMPT_KINDS = ("cot", "genrm", "rationalizer")  # Fig. 6, Fig. 8, Fig. 7
 
 
@@ -163,16 +163,13 @@ def reward_eq6(p_pref: torch.Tensor, eps=1e-6) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def force_verdicts(model, tok, prompt_ids, completions, batch_size=4, sample_seeds=None, temperature=1.0):
-    """For completions without a verdict: append VERDICT_PREFIX after the rationale (its stop token
-    removed) and take the argmax of P(A) vs P(B). With `sample_seeds` (one per completion), draw
-    the verdict from softmax over the two indicator logits / temperature instead (temperature 1:
-    P(A) / (P(A) + P(B)), as the paper's sampler would have drawn the verdict token; STaR
+def forced_verdicts(ab, sample_seeds=None, temperature=1.0):
+    """Verdicts for rationales without one, from the indicator logits ab [N, 2] ('A', 'B') right
+    after rationale + VERDICT_PREFIX (generate's `then`): the argmax of P(A) vs P(B); with
+    `sample_seeds` (one per rationale), a draw from softmax(ab / temperature) instead (temperature
+    1: P(A) / (P(A) + P(B)), as the paper's sampler would have drawn the verdict token; STaR
     sampling); judging uses the argmax. Returns a list of 'A'/'B'."""
-    stop = set(tok.stop_ids)
-    prefix = tok.encode(VERDICT_PREFIX)
-    seqs = [p + [t for t in c if t not in stop] + prefix for p, c in zip(prompt_ids, completions)]
-    ab = next_token_ab(model, tok, seqs, batch_size)                          # [N, 2]
+    ab = torch.as_tensor(ab, dtype=torch.float32).reshape(-1, 2)
     if sample_seeds is None:
         return ["A" if p >= 0.5 else "B" for p in preference_from_logits(ab).tolist()]
     pa = preference_from_logits(ab / temperature if temperature != 1.0 else ab).tolist()
@@ -203,14 +200,15 @@ def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temper
               seed=0, force="argmax", prompt_batch=4, progress=True, prompt_kind="cot", verdict_temperature=1.0):
     """Sample n judge rationales per (pair, order) from one prefill each and read the verdicts.
     Returns, per pair, a list of n dicts {completion, verdict, forced} where `forced` marks a
-    verdict obtained by force_verdicts when no [[A]]/[[B]] was written (force: "argmax",
+    verdict obtained by forced_verdicts when no [[A]]/[[B]] was written (force: "argmax",
     "sample" at `verdict_temperature`, or None for no forcing). Seeds are per pair (an int: seed + pair index in this
     call; or a list), so batch size does not change results."""
     seeds = [seed + i for i in range(len(pairs))] if isinstance(seed, int) else list(seed)
     prompts = [tok.apply_chat(judge_messages(p, o, prompt_kind)) for p, o in zip(pairs, a_is_chosen)]
-    outs = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, stop_ids=tok.stop_ids, seed=seeds, prompt_batch=prompt_batch, progress=progress)
-    res = [[{"completion": tok.decode(c.tokens), "tokens": c.tokens} for c in o] for o in outs]
+    then = dict(then=tok.encode(VERDICT_PREFIX), then_ids=[tok.token_id("A"), tok.token_id("B")]) if force else {}
+    outs = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    stop_ids=tok.stop_ids, seed=seeds, prompt_batch=prompt_batch, progress=progress, **then)
+    res = [[{"completion": tok.decode(c.tokens), "ab": c.then_logits} for c in o] for o in outs]
     todo = []
     for i, r in enumerate(res):
         for j, s in enumerate(r):
@@ -220,13 +218,12 @@ def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temper
                 todo.append((i, j, s))
     if todo:
         fseeds = [seeds[i] * 7919 + j for i, j, _ in todo] if force == "sample" else None
-        forced = force_verdicts(model, tok, [prompts[i] for i, _, _ in todo], [s["tokens"] for _, _, s in todo],
-                                batch_size=prompt_batch, sample_seeds=fseeds, temperature=verdict_temperature)
+        forced = forced_verdicts([s["ab"] for _, _, s in todo], fseeds, verdict_temperature)
         for (_, _, s), v in zip(todo, forced):
             s["verdict"], s["forced"] = v, True
     for r in res:
         for s in r:
-            del s["tokens"]
+            del s["ab"]
     return res
 
 

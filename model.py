@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from files import atomic_write, read_json
+from files import atomic_write, load_state_dict, read_json, read_safetensors, weight_files
 from gguf import resolve_model
 
 
@@ -148,6 +147,8 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
 
+        self.shared = 0  # slots [0, shared) hold the same keys and values in every row (Llama.share_prefix)
+
     def update(self, where, k, v, rows, S):
         # where: [B', n_kv, T] flat ids of the slots to write (Llama._hidden_cached); k, v: [B', n_kv, T, hd];
         # rows [B'] the batch's cache rows (None: all, B' = B)
@@ -158,6 +159,20 @@ class KVCache(nn.Module):
         if rows is None:
             return self.k[:, :, :S], self.v[:, :, :S]
         return self.k[rows, :, :S], self.v[rows, :, :S]
+
+
+def _cascade(q, k, v, mask, L):
+    """Decode attention when slots [0, L) of every row hold the same keys and values (a prompt shared
+    by all rows): those are read once, from row 0, for all rows' queries (cascade attention, the idea
+    of vLLM's and FlashInfer's shared-prefix kernels), each row's own slots [L, S') per row; one
+    softmax over both, in float32. q [B, nkv, g, hd]; k, v [B, nkv, S', hd]; mask [B, 1, 1, S']."""
+    (B, nkv, g, hd), dt, q = q.shape, q.dtype, q.float()  # float32 scores and sums (no-ops in float32)
+    k0, v0, k1, v1 = k[0, :, :L].float(), v[0, :, :L].float(), k[:, :, L:].float(), v[:, :, L:].float()
+    s0 = q.transpose(0, 1).reshape(nkv, B * g, hd) @ k0.transpose(1, 2)                   # [nkv, B*g, L]
+    s1 = q @ k1.transpose(2, 3) + mask[..., L:]                                          # [B, nkv, g, S'-L]
+    p = torch.cat((s0.view(nkv, B, g, L).transpose(0, 1), s1), -1).mul_(hd ** -0.5).softmax(-1)
+    y0 = (p[..., :L].transpose(0, 1).reshape(nkv, B * g, L) @ v0).view(nkv, B, g, hd)    # the prefix's share
+    return (y0.transpose(0, 1) + p[..., L:] @ v1).to(dt)                                 # [B, nkv, g, hd]
 
 
 class Attention(nn.Module):
@@ -194,7 +209,8 @@ class Attention(nn.Module):
         q, v = qk[:, :nh], qkv[:, nh + nkv:]                                # [B, nh, T, hd], [B, nkv, T, hd]
         k, v = self.cache.update(where, qk[:, nh:], v, rows, mask.shape[-1])  # [B, nkv, S', hd]
         if T == 1:  # query head h uses kv head h // g: [B, nkv, g, hd] attends like g tokens
-            y = F.scaled_dot_product_attention(q.reshape(B, nkv, nh // nkv, hd), k, v, attn_mask=mask)
+            q, L = q.reshape(B, nkv, nh // nkv, hd), self.cache.shared
+            y = _cascade(q, k, v, mask, L) if L else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
         return _linear(y.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd), self.wo)
@@ -287,6 +303,12 @@ class Llama(nn.Module):
             c = blk.self_attn.cache
             c.k[dst, :, :length] = c.k[src, :, :length]
             c.v[dst, :, :length] = c.v[src, :, :length]
+
+    def share_prefix(self, length: int):
+        """Slots [0, length) now hold the same keys and values in every cache row (the sampler copied
+        a shared prompt there): decode steps read them once for all rows (_cascade)."""
+        for blk in self.model.layers:
+            blk.self_attn.cache.shared = length
 
     def select_cache_rows(self, rows):
         """Keep (and reorder or repeat) the cache rows `rows` [R'] (long indices into the batch)."""
@@ -415,36 +437,10 @@ def read_config(path: Path) -> LlamaConfig:
     return LlamaConfig.from_hf(read_json(f), str(f))
 
 
-def weight_files(path: Path) -> list:
-    """The safetensors file(s) of an HF-format directory (one, or the shards its index names)."""
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.exists():
-        return [single]
-    if index.exists():
-        return [path / s for s in sorted(set(read_json(index).get("weight_map", {}).values()))]
-    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
-
-
-def _read_safetensors(f: Path, header_only=False) -> dict:
-    """A safetensors file's tensors (or only its header: the tensor offsets, so a truncated file
-    shows without reading the weights); truncated or not safetensors: an error naming the file."""
-    try:
-        if header_only:
-            with safe_open(str(f), "pt"):
-                return {}
-        return load_file(str(f))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
-
-
 def check_pretrained(path) -> LlamaConfig:
     """Read config.json and every safetensors header without loading the weights: a run checks
     its model before it writes anything."""
     cfg = read_config(resolve_model(path))
     for f in weight_files(resolve_model(path)):
-        _read_safetensors(f, header_only=True)
+        read_safetensors(f, header_only=True)
     return cfg
-
-
-def load_state_dict(path: Path) -> dict:
-    return {k: v for f in weight_files(path) for k, v in _read_safetensors(f).items()}

@@ -21,6 +21,7 @@ class Completion:
     tokens: list          # sampled ids, the stop token included when one ended the sequence
     logprobs: list        # log softmax(logits at temperature 1)[token] for each sampled token
     finish: str           # "stop" or "length"
+    then_logits: list = None  # with generate(then=...): float32 logits of then_ids after the suffix
 
 
 def top_p_filter(probs, p):
@@ -81,9 +82,10 @@ def pick_next(logits, temperature, top_p, u):
     return nxt
 
 
-def _shared_prefix(prompts):
-    """Length of the leading tokens all prompts share, leaving each prompt one token of its own."""
-    if len(prompts) < 2:
+def _shared_prefix(prompts, n):
+    """Length of the leading tokens all prompts share (a lone prompt's samples share all of it),
+    leaving each prompt one token of its own; 0 for a single row."""
+    if len(prompts) * n < 2:
         return 0
     L = min(len(p) for p in prompts) - 1
     first = prompts[0]
@@ -147,7 +149,7 @@ class GraphedDecode:
 
 @torch.no_grad()
 def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(),
-             seed=0, prompt_batch=8, progress=True):
+             seed=0, prompt_batch=8, progress=True, then=(), then_ids=()):
     """Sample `n` completions for each prompt (a list of token-id lists, ragged).
 
     Returns a list (one per prompt) of `n` Completion. Log-probs are those of the model's own
@@ -163,6 +165,10 @@ def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top
     batching): a row whose sample ends takes the next pending pair. A prompt is prefilled once,
     its cache copied to the rows of its other samples; a leading token prefix all prompts share
     (a judge system prompt) is prefilled once for the call.
+
+    then: token ids fed after each sample ends (its stop token left out), in the same decode steps;
+    Completion.then_logits holds the logits of `then_ids` after them (what a forward of prompt +
+    sample + then would give: the judge's forced verdict without recomputing the prompt).
     """
     if not prompts:
         return []
@@ -175,11 +181,12 @@ def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty")
-        if len(p) + max_new_tokens > limit:
-            raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceeds the "
-                             f"model's {limit} positions")
+        if len(p) + max_new_tokens + len(then) > limit:
+            raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} + {len(then)} then "
+                             f"tokens exceeds the model's {limit} positions")
     bar = tqdm(total=len(prompts) * n, desc="sampling", unit="seq", disable=not progress, leave=False)
-    res = _run(model, prompts, seeds, n, max_new_tokens, temperature, top_p, set(stop_ids), prompt_batch, bar)
+    res = _run(model, prompts, seeds, n, max_new_tokens, temperature, top_p, set(stop_ids), prompt_batch, bar,
+               list(then), list(then_ids))
     bar.close()
     return res
 
@@ -191,27 +198,30 @@ class _Rows:
     held: list            # prompt whose cache slots [0, len) each row holds
     toks: list            # sampled ids of each row's sample
     lps: list             # their log-probs
+    feed: list            # tokens still to feed after a finished sample (generate's then), else None
     logits: torch.Tensor  # [B, V] float32 next-token logits
     pos: torch.Tensor     # [B] next position (cache slot)
     U: torch.Tensor       # [B, max_new] each row's uniforms, one per step
 
     def keep(self, ki):
         """Keep rows ki (a list) in order."""
-        self.unit, self.held, self.toks, self.lps = ([x[b] for b in ki] for x in (self.unit, self.held, self.toks, self.lps))
+        self.unit, self.held, self.toks, self.lps, self.feed = \
+            ([x[b] for b in ki] for x in (self.unit, self.held, self.toks, self.lps, self.feed))
         t = torch.tensor(ki, device=self.pos.device)
         self.logits, self.pos, self.U = self.logits[t], self.pos[t], self.U[t]
 
 
-def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_batch, bar):
+def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_batch, bar, then, then_ids):
     dev = model.lm_head.weight.device
     work = [(i, j) for i in range(len(prompts)) for j in range(n)]          # in order
     B = min(prompt_batch * n, len(work))
-    model.setup_cache(B, max(len(p) for p in prompts) + max_new)
-    L = _shared_prefix(prompts)
-    if L:  # the shared prefix once into row 0, then copied to every row; no row overwrites it
-        prefill(model, [prompts[0][:L]], torch.zeros(1, dtype=torch.long, device=dev), 0)
+    model.setup_cache(B, max(len(p) for p in prompts) + max_new + len(then))
+    L = _shared_prefix(prompts, n)
+    if L:  # the shared prefix once into row 0, then copied to every row (for prefills); no row
+        prefill(model, [prompts[0][:L]], torch.zeros(1, dtype=torch.long, device=dev), 0)  # overwrites it
         model.copy_cache_rows(torch.zeros(B - 1, dtype=torch.long, device=dev), torch.arange(1, B, device=dev), L)
-    rows = _Rows([None] * B, [None] * B, [None] * B, [None] * B,
+        model.share_prefix(L)  # decode steps read it once for all rows (cascade attention)
+    rows = _Rows([None] * B, [None] * B, [None] * B, [None] * B, [None] * B,
                  torch.zeros(B, model.config.vocab_size, device=dev), torch.zeros(B, dtype=torch.long, device=dev),
                  torch.zeros(B, max_new, device=dev))
     res = [[None] * n for _ in prompts]
@@ -223,17 +233,28 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
         step = torch.tensor([len(t) if t is not None else 0 for t in rows.toks], device=dev).clamp(max=max_new - 1)
         nxt = pick_next(rows.logits, temperature, top_p, rows.U.gather(1, step[:, None]).squeeze(1))  # [B]
         nlp = torch.log_softmax(rows.logits, -1).gather(1, nxt[:, None]).squeeze(1)  # at temperature 1
+        fed = {}                 # row -> the token it feeds instead of the one picked
         for b, (t, lp) in enumerate(zip(nxt.tolist(), nlp.tolist())):
             if rows.unit[b] is None:
                 continue
-            rows.toks[b].append(t)
-            rows.lps[b].append(lp)
-            if t in stop or len(rows.toks[b]) == max_new:
-                i, j = rows.unit[b]
-                res[i][j] = Completion(rows.toks[b], rows.lps[b], "stop" if t in stop else "length")
-                rows.unit[b] = None
-                rows.pos[b] = len(prompts[i])  # a free row decodes junk into a slot past its prompt
-                bar.update(1)
+            if rows.feed[b] is None:  # sampling
+                rows.toks[b].append(t)
+                rows.lps[b].append(lp)
+                if t not in stop and len(rows.toks[b]) < max_new:
+                    continue
+                if then:
+                    rows.feed[b] = ([] if t in stop else [t]) + then  # a stop token is not fed
+            if rows.feed[b]:          # feeding the suffix: the logits after it come next step
+                fed[b] = rows.feed[b].pop(0)
+                continue
+            i, j = rows.unit[b]
+            res[i][j] = Completion(rows.toks[b], rows.lps[b], "stop" if rows.toks[b][-1] in stop else "length",
+                                   rows.logits[b, then_ids].tolist() if then else None)
+            rows.unit[b], rows.feed[b] = None, None
+            rows.pos[b] = len(prompts[i])  # a free row decodes junk into a slot past its prompt
+            bar.update(1)
+        if fed:
+            nxt[list(fed)] = torch.tensor(list(fed.values()), device=dev)
         if done == len(work) and None in rows.unit:  # nothing pending: drop the free rows
             ki = [b for b, u in enumerate(rows.unit) if u is not None]
             if not ki:
@@ -262,7 +283,7 @@ def _admit(model, prompts, seeds, work, done, rows, plog, L):
         free.remove(b)
         if rows.held[b] != i:
             rows.held[b] = None   # its cache is about to hold another prompt
-        rows.unit[b], rows.toks[b], rows.lps[b] = (i, j), [], []
+        rows.unit[b], rows.toks[b], rows.lps[b], rows.feed[b] = (i, j), [], [], None
         g = torch.Generator().manual_seed(_row_seed(seeds[i], j))
         rows.U[b] = torch.rand(rows.U.shape[1], generator=g)  # the same stream as one draw per step
         at.append(b)

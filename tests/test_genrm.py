@@ -102,27 +102,28 @@ def test_forced_verdicts_are_argmax_and_counted():
 
 
 def test_sampled_forced_verdict_follows_the_tempered_indicator_probabilities():
-    """force_verdicts with seeds draws 'A' iff u < softmax(ab / T)[A], u from the seed's generator,
-    computed here from a full forward; T=1 is the paper's sampler, a tiny T the argmax."""
+    """cot_judge(force="sample") draws 'A' iff u < softmax(ab / T)[A], u from the rationale's seed,
+    ab computed here from a full forward of prompt + rationale + VERDICT_PREFIX (the sampler feeds
+    the prefix in its decode steps instead); T=1 is the paper's sampler, a tiny T the argmax."""
     m, tok = tiny_model(seed=4), CharTok()
-    prompts = [tok.apply_chat(genrm.judge_messages(Pair(str(i), f"Q{i}", "yes", "no"), True)) for i in range(24)]
-    comps = [tok.encode(f"because {i}") for i in range(24)]
-    seeds = list(range(100, 124))
-    ab = []
-    for p, c in zip(prompts, comps):
-        with torch.no_grad():
-            lg = m(torch.tensor([p + c + tok.encode(genrm.VERDICT_PREFIX)]))[0, -1]
-        ab.append([float(lg[tok.token_id("A")]), float(lg[tok.token_id("B")])])
-    ab = torch.tensor(ab)
-    u = [torch.rand(1, generator=torch.Generator().manual_seed(s)).item() for s in seeds]
-    for T in (1.0, 3.0, 0.5):
-        pa = torch.softmax(ab / T, -1)[:, 0].tolist()
-        want = ["A" if x < p else "B" for x, p in zip(u, pa)]
-        got = genrm.force_verdicts(m, tok, prompts, comps, sample_seeds=seeds, temperature=T)
+    pairs = [Pair(str(i), f"Q{i}", "yes", "no") for i in range(24)]
+    for T in (1.0, 3.0, 0.5, 1e-6):
+        res = genrm.cot_judge(m, tok, pairs, [True] * 24, n=1, max_new_tokens=4, seed=100, force="sample",
+                              verdict_temperature=T, progress=False)
+        u, pa = [], []
+        for i, (p, r) in enumerate(zip(pairs, res)):
+            ids = tok.apply_chat(genrm.judge_messages(p, True)) + tok.encode(r[0]["completion"]) + \
+                tok.encode(genrm.VERDICT_PREFIX)
+            with torch.no_grad():
+                lg = m(torch.tensor([ids]))[0, -1]
+            ab = torch.tensor([float(lg[tok.token_id("A")]), float(lg[tok.token_id("B")])])
+            pa.append(float(torch.softmax(ab / T, -1)[0]))
+            u.append(torch.rand(1, generator=torch.Generator().manual_seed((100 + i) * 7919)).item())
+        want = ["A" if x < q else "B" for x, q in zip(u, pa)]
         # a draw within float noise of its threshold could go either way; none is here
-        assert all(abs(x - p) > 1e-4 for x, p in zip(u, pa)) and got == want, T
-    argmax = ["A" if a >= b else "B" for a, b in ab.tolist()]
-    assert genrm.force_verdicts(m, tok, prompts, comps, sample_seeds=seeds, temperature=1e-6) == argmax
+        assert all(abs(x - q) > 1e-4 for x, q in zip(u, pa)) and [r[0]["verdict"] for r in res] == want, T
+        assert all(r[0]["forced"] for r in res)
+    assert 0 < want.count("A") < 24                                  # T -> 0: the argmax, both letters
 
 
 def test_star_sampling_in_both_orders():

@@ -152,6 +152,25 @@ def test_kv_cache_prefill_and_decode_equal_full_forward():
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cascade_attention_equals_plain_softmax_attention(dtype, tol):
+    """_cascade (the shared prefix read once, from row 0) against softmax attention of every row over
+    its own full cache, in float64: rows share slots [0, L), differ after, and stop at their own
+    positions (the -inf mask)."""
+    g = torch.Generator().manual_seed(0)
+    B, nkv, grp, hd, L, S = 5, 2, 3, 8, 7, 12
+    k, v = (torch.randn(B, nkv, S, hd, generator=g, dtype=torch.float64) for _ in range(2))
+    k[:, :, :L], v[:, :, :L] = k[:1, :, :L], v[:1, :, :L]          # the shared prefix
+    q = torch.randn(B, nkv, grp, hd, generator=g, dtype=torch.float64)
+    pos = torch.tensor([7, 8, 11, 9, 10])                            # each row's query position
+    mask = torch.zeros(B, 1, 1, S).masked_fill(torch.arange(S) > pos[:, None, None, None], float("-inf"))
+    w = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(hd) + mask, -1)
+    want = w @ v                                                     # [B, nkv, grp, hd]
+    got = M._cascade(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), L)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert (got.double() - want).abs().max() < tol
+
+
 def test_activation_checkpointing_same_loss_and_gradients():
     """--activation-checkpointing recomputes each block in backward (each block runs twice) and
     gives the same loss and gradients as keeping the activations (float32, padded batch)."""

@@ -173,6 +173,46 @@ def test_shared_prefix_prefilled_once_same_outputs(monkeypatch):
             assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
 
 
+def test_samples_of_one_prompt_read_it_once_same_outputs(monkeypatch):
+    """n samples of one prompt: its KV is attended once per decode step for all rows (cascade),
+    with stops ending rows early; same tokens and log-probs (1e-5) as every row attending its copy."""
+    m = tiny_model(seed=12)
+    p = prompts()[1] + prompts()[3] + list(range(50, 70))          # 39 tokens
+    kw = dict(n=4, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5, progress=False)
+    kw["stop_ids"] = [c.tokens[3] for c in generate(m, [p], **kw)[0]][:2]  # ends some rows early
+    used = []
+    orig = sample.Llama.share_prefix
+    monkeypatch.setattr(sample.Llama, "share_prefix", lambda self, n: used.append(n) or orig(self, n))
+    shared = generate(m, [p], **kw)[0]
+    assert used == [len(p) - 1]                                      # all but its last token
+    monkeypatch.setattr(sample, "_MIN_SHARED_PREFIX", 10 ** 9)
+    plain = generate(m, [p], **kw)[0]
+    assert any(c.finish == "stop" for c in plain)
+    for x, y in zip(shared, plain):
+        assert x.tokens == y.tokens and x.finish == y.finish
+        assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
+
+
+def test_then_suffix_logits_equal_a_full_forward():
+    """generate(then=...) feeds the suffix after each sample (its stop token left out) in the decode
+    steps: the samples are unchanged, and then_logits equal a no-cache forward of prompt + sample +
+    suffix (1e-5), with stops, lengths and continuous batching (3 rows for 8 samples)."""
+    m = tiny_model(seed=13)
+    ps, then, ids = prompts(), [7, 8, 9], [3, 4, 200]
+    kw = dict(n=2, max_new_tokens=6, temperature=1.0, seed=4, prompt_batch=1, progress=False)
+    kw["stop_ids"] = [c.tokens[1] for o in generate(m, ps, **kw) for c in o][:3]
+    plain = generate(m, ps, **kw)
+    out = generate(m, ps, then=then, then_ids=ids, **kw)
+    assert {c.finish for o in out for c in o} == {"stop", "length"}
+    for p, o, q in zip(ps, out, plain):
+        for c, d in zip(o, q):
+            assert c.tokens == d.tokens and c.finish == d.finish and d.then_logits is None
+            seq = p + [t for t in c.tokens if t not in kw["stop_ids"]] + then
+            with torch.no_grad():
+                want = m(torch.tensor([seq]))[0, -1, ids]
+            assert torch.allclose(torch.tensor(c.then_logits), want, atol=1e-5, rtol=0)
+
+
 def test_continuous_batching_refills_rows_and_keeps_results(monkeypatch):
     m = tiny_model(seed=10)
     ps = prompts()
