@@ -282,6 +282,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="STaR rationales per training pair")
     ap.add_argument("--iterations", type=int, default=3, help="STaR iterations (disjoint splits of the training pairs)")
     ap.add_argument("--star-epochs", type=int, default=3, help="epochs per STaR iteration (paper A.3); other methods 1")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
+                    help="every step's --dtype: bf16 sampling and judging (training under bf16 autocast on float32 "
+                         "master weights); float32 for an exact run")
     ap.add_argument("--seed", type=int, default=0, help="seed for subsets (the shipped ones are seed 0), orders, sampling and training")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars in the steps")
     return ap
@@ -315,7 +318,8 @@ def main(argv=None):
                 run(["train.py", "--method", method, "--model", a.model, "--data", files["train"], "--no-eval",
                      "--out", tdir, "--seed", a.seed, "--iterations", a.iterations,
                      "--epochs", a.star_epochs if method in STAR else 1, "--samples-per-prompt", a.samples_per_prompt,
-                     "--max-new-tokens", a.max_new_tokens, *quiet, *(["--resume"] if tdir.exists() else [])])
+                     "--max-new-tokens", a.max_new_tokens, "--dtype", a.dtype, *quiet,
+                     *(["--resume"] if tdir.exists() else [])])
             rep = json.loads((tdir / "report.json").read_text())
             model, train_s = rep["final_model"], rep["seconds"]
         samples = a.cot_samples if judge == "cot" else 1
@@ -323,7 +327,7 @@ def main(argv=None):
         if not (edir / "results.json").exists():
             run(["eval.py", "--model", model, "--judge", judge, "--data", files["id"], files["rewardbench"],
                  files["hh_harmless"], "--both-orders", "--samples", samples, "--max-new-tokens", a.max_new_tokens,
-                 "--batch-size", 16, "--seed", a.seed, "--out", edir, *quiet])
+                 "--batch-size", 16, "--seed", a.seed, "--dtype", a.dtype, "--out", edir, *quiet])
         ev = json.loads((edir / "results.json").read_text())
         results[name] = {"samples": samples, "judge": judge, "train_s": train_s, "eval_s": ev["seconds"],
                          "files": ev["results"]}

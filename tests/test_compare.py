@@ -127,6 +127,7 @@ def test_main_needs_nothing_outside_the_repo(tmp_path, monkeypatch):
     assert epochs == {"bt_rm": "1", "genrm": "1", "star_sft": "3", "star_dpo": "3", "rationalizer": "1"}
     samples = [c[c.index("--samples") + 1] for c in cmds if c[0] == "eval.py" and "cot" in c]
     assert samples == ["2"] * 4                               # every CoT judge, base and trained
+    assert {c[c.index("--dtype") + 1] for c in cmds} == {"bfloat16"}  # every step, by default
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "| STaR-DPO | LLM-as-a-judge (base, CoT) | maj@2 | +0.000 [+0.00, +0.00] p=1.000 |" in md
     assert "| Bradley-Terry RM, maj@1" not in md and "| LLM-as-a-judge (base, CoT), maj@2 | 0.500 [0.50, 0.50] |" in md
