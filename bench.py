@@ -1,7 +1,8 @@
 """Speed and memory against the naive way (and HF transformers when installed). Not a test.
 
   python bench.py sample            # KV-cache sampler vs a no-cache loop vs HF generate; decode
-                                    # step vs weight bytes / measured bandwidth (fp32, bf16)
+                                    # step vs weight bytes / measured bandwidth and vs its FLOPs /
+                                    # measured matmul FLOP/s (fp32, bf16)
   python bench.py logprobs          # fused log-probs vs naive log_softmax, fwd+bwd, peak memory
   python bench.py train             # one DPO optimizer step (packed pairs) vs HF transformers
 
@@ -92,7 +93,8 @@ def bench_sample(a):
     for dt, model in (("float32", m), ("bfloat16", m16)):
         t = decode_step_case(model, judge, n, a.repeats)
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head once
-        flops, peak = decode_flops(model, n, len(judge) + 16), gemm_flops(model.lm_head.weight.dtype)
+        ctx = len(judge) + 8 * (a.repeats + 1)  # the mean context of decode_step_case's 16 * (repeats + 1) steps
+        flops, peak = decode_flops(model, n, ctx), gemm_flops(model.lm_head.weight.dtype)
         limit = max(wbytes / bw, flops / peak)  # the step can beat neither reading the weights nor its FLOPs
         steps.append({"dtype": dt, "step_ms": t[0] * 1e3, "step_ms_median": t[1] * 1e3, "weight_mb": wbytes / 1e6,
                       "bandwidth_gb_s": bw / 1e9, "limit_ms": wbytes / bw * 1e3, "ratio_to_limit": t[0] * bw / wbytes,

@@ -1,6 +1,7 @@
-"""bench.py's measuring primitives (a timer, memory bandwidth, one decode step) and its CUDA cases:
-random weights of real model shapes (nothing is downloaded on a GPU machine), HF transformers
-sharing the very tensors where it is compared. Run through bench.py (`--cuda`); not a test."""
+"""bench.py's measuring primitives (a timer, memory bandwidth, matmul FLOP/s, one decode step and
+its FLOPs) and its CUDA cases: random weights of real model shapes (nothing is downloaded on a GPU
+machine), HF transformers sharing the very tensors where it is compared. Run through bench.py
+(`--cuda`); not a test."""
 import json
 import statistics
 import time

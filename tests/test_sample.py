@@ -196,9 +196,10 @@ def test_samples_of_one_prompt_read_it_once_same_outputs(monkeypatch):
 def test_then_suffix_logits_equal_a_full_forward():
     """generate(then=...) feeds the suffix after each sample (its stop token left out) in the decode
     steps: the samples are unchanged, and then_logits equal a no-cache forward of prompt + sample +
-    suffix (1e-5), with stops, lengths and continuous batching (3 rows for 8 samples)."""
+    suffix (1e-5), with stops, lengths, a shared prefix (cascade) and continuous batching (2 rows
+    for 8 samples)."""
     m = tiny_model(seed=13)
-    ps, then, ids = prompts(), [7, 8, 9], [3, 4, 200]
+    ps, then, ids = [list(range(30, 48)) + p for p in prompts()], [7, 8, 9], [3, 4, 200]  # 18 shared tokens
     kw = dict(n=2, max_new_tokens=6, temperature=1.0, seed=4, prompt_batch=1, progress=False)
     kw["stop_ids"] = [c.tokens[1] for o in generate(m, ps, **kw) for c in o][:3]
     plain = generate(m, ps, **kw)
@@ -247,6 +248,27 @@ def test_bfloat16_model_samples_close_to_float32():
                 lp = torch.log_softmax(m(torch.tensor([p + c.tokens]))[0], -1)
             want = torch.tensor([float(lp[len(p) - 1 + t, tk]) for t, tk in enumerate(c.tokens)])
             assert (torch.tensor(c.logprobs) - want).abs().max() < 0.25   # bf16 rounding, not a wrong token
+
+
+def test_static_decode_step_with_a_shared_prefix_equals_plain_attention():
+    """The static step (CUDA graphs) with cascade attention over a prompt both rows share equals
+    the dynamic step without sharing (logits 1e-5)."""
+    m, prompt = tiny_model(seed=3), list(range(40, 60))
+    out = []
+    with torch.no_grad():
+        for static, shared in ((False, 0), (True, len(prompt))):
+            m.setup_cache(2, 32)
+            logits = prefill(m, [prompt], torch.zeros(1, dtype=torch.long), 0).repeat(2, 1)
+            m.copy_cache_rows(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), len(prompt))
+            m.share_prefix(shared)
+            tok, pos, steps = torch.tensor([3, 4]), torch.full((2,), len(prompt)), []
+            for _ in range(4):
+                logits = decode_one(m, tok, pos, static=static)
+                steps.append(logits)
+                tok, pos = logits.argmax(-1), pos + 1
+            out.append(torch.stack(steps))
+            m.clear_cache()
+    assert torch.allclose(out[0], out[1], atol=1e-5, rtol=0)
 
 
 def test_static_decode_step_equals_dynamic():
