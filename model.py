@@ -146,7 +146,6 @@ class KVCache(nn.Module):
         super().__init__()
         self.register_buffer("k", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(batch, n_kv, max_len, head_dim, dtype=dtype, device=device), persistent=False)
-
         self.shared = 0  # slots [0, shared) hold the same keys and values in every row (Llama.share_prefix)
 
     def update(self, where, k, v, rows, S):
@@ -297,12 +296,12 @@ class Llama(nn.Module):
         prepacked lm_head)."""
         return _linear(h, self.w_head).float()
 
-    def copy_cache_rows(self, src, dst, length: int):
-        """Copy slots [0, length) of cache rows `src` [R] into rows `dst` [R] (long indices)."""
+    def copy_cache_rows(self, src, dst, length: int, start: int = 0):
+        """Copy slots [start, length) of cache rows `src` [R] into rows `dst` [R] (long indices)."""
         for blk in self.model.layers:
             c = blk.self_attn.cache
-            c.k[dst, :, :length] = c.k[src, :, :length]
-            c.v[dst, :, :length] = c.v[src, :, :length]
+            c.k[dst, :, start:length] = c.k[src, :, start:length]
+            c.v[dst, :, start:length] = c.v[src, :, start:length]
 
     def share_prefix(self, length: int):
         """Slots [0, length) now hold the same keys and values in every cache row (the sampler copied

@@ -300,7 +300,7 @@ def _admit(model, prompts, seeds, work, done, rows, plog, L):
     for (i, j), b in zip(placed, at):
         if rows.held[b] != i:
             src = torch.tensor([rows.held.index(i)], device=dev)
-            model.copy_cache_rows(src, torch.tensor([b], device=dev), len(prompts[i]))
+            model.copy_cache_rows(src, torch.tensor([b], device=dev), len(prompts[i]), L)  # [0, L): every row has it
             rows.held[b] = i
         rows.logits[b], rows.pos[b] = plog[i], len(prompts[i])
     for i, j in placed:
