@@ -160,18 +160,47 @@ class KVCache(nn.Module):
         return self.k[rows, :, :S], self.v[rows, :, :S]
 
 
-def _cascade(q, k, v, mask, L):
-    """Decode attention when slots [0, L) of every row hold the same keys and values (a prompt shared
-    by all rows): those are read once, from row 0, for all rows' queries (cascade attention, the idea
-    of vLLM's and FlashInfer's shared-prefix kernels), each row's own slots [L, S') per row; one
-    softmax over both, in float32. q [B, nkv, g, hd]; k, v [B, nkv, S', hd]; mask [B, 1, 1, S']."""
+@dataclass
+class DecodeLayout:
+    """Where the rows of a decode step keep their tokens and which rows share a prompt (the sampler
+    builds it). Slots [0, gen_start) hold each row's prompt at slot = position (slots past its
+    prompt_len are junk, masked); its sampled tokens follow at slots gen_start, gen_start + 1, ...,
+    so the sampled tokens of all rows sit in one short range whatever their prompt lengths.
+    Rows sampling the same prompt form a group: _cascade reads the prompt's keys once per group
+    (no groups: each row reads its own prompt)."""
+    prompt_len: torch.Tensor  # [B] long
+    gen_start: int            # the call's longest prompt
+    rep: torch.Tensor | None = None      # [P] a row holding each group's prompt
+    members: torch.Tensor | None = None  # [P, m] the rows of each group, padded with its rep
+    group: torch.Tensor | None = None    # [B] each row's group
+    member: torch.Tensor | None = None   # [B] each row's index in members[group]
+
+
+def _cascade(q, k, v, mask, L, groups: DecodeLayout | None = None):
+    """Decode attention with each key read once for all the rows that share it (cascade attention,
+    the idea of vLLM's and FlashInfer's shared-prefix kernels), in up to three levels: slots [0, L)
+    hold the same keys in every row (a prefix of every prompt), read from row 0 for all rows'
+    queries; with `groups`, slots [L, gen_start) hold each row's prompt, read from one row per
+    group for the queries of all its rows; the remaining slots per row. One softmax over all levels,
+    in float32. q [B, nkv, g, hd]; k, v [B, nkv, S', hd]; mask [B, 1, 1, S'] -> [B, nkv, g, hd]."""
     (B, nkv, g, hd), dt, q = q.shape, q.dtype, q.float()  # float32 scores and sums (no-ops in float32)
-    k0, v0, k1, v1 = k[0, :, :L].float(), v[0, :, :L].float(), k[:, :, L:].float(), v[:, :, L:].float()
-    s0 = q.transpose(0, 1).reshape(nkv, B * g, hd) @ k0.transpose(1, 2)                   # [nkv, B*g, L]
-    s1 = q @ k1.transpose(2, 3) + mask[..., L:]                                          # [B, nkv, g, S'-L]
-    p = torch.cat((s0.view(nkv, B, g, L).transpose(0, 1), s1), -1).mul_(hd ** -0.5).softmax(-1)
-    y0 = (p[..., :L].transpose(0, 1).reshape(nkv, B * g, L) @ v0).view(nkv, B, g, hd)    # the prefix's share
-    return (y0.transpose(0, 1) + p[..., L:] @ v1).to(dt)                                 # [B, nkv, g, hd]
+    G = L if groups is None else groups.gen_start
+    k0, v0, k2, v2 = k[0, :, :L].float(), v[0, :, :L].float(), k[:, :, G:].float(), v[:, :, G:].float()
+    s = [(q.transpose(0, 1).reshape(nkv, B * g, hd) @ k0.transpose(1, 2)).view(nkv, B, g, L).transpose(0, 1)]
+    if G > L:  # per group: the members' queries as one block against their prompt's keys
+        (P, m), at = groups.members.shape, (groups.group, slice(None), groups.member)  # row b's block
+        kb, vb = k[groups.rep, :, L:G].float(), v[groups.rep, :, L:G].float()      # [P, nkv, G-L, hd]
+        qg = q[groups.members].transpose(1, 2).reshape(P, nkv, m * g, hd)          # [P, nkv, m*g, hd]
+        sb = (qg @ kb.transpose(2, 3)).view(P, nkv, m, g, G - L) + mask[groups.rep, :, :, None, L:G]
+        s.append(sb[at])                                                           # [B, nkv, g, G-L]
+    s.append(q @ k2.transpose(2, 3) + mask[..., G:])                               # [B, nkv, g, S'-G]
+    p = torch.cat(s, -1).mul_(hd ** -0.5).softmax(-1)                              # [B, nkv, g, S']
+    y = (p[..., :L].transpose(0, 1).reshape(nkv, B * g, L) @ v0).view(nkv, B, g, hd).transpose(0, 1)
+    if G > L:
+        pg = p.new_empty(P, nkv, m, g, G - L)  # a padding member's block stays junk: its output rows are dropped
+        pg[at] = p[..., L:G]                                                       # back to the groups' blocks
+        y = y + (pg.view(P, nkv, m * g, G - L) @ vb).view(P, nkv, m, g, hd)[at]
+    return (y + p[..., G:] @ v2).to(dt)
 
 
 class Attention(nn.Module):
@@ -186,9 +215,9 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.wqkv = self.wo = None  # _pack'ed [q; k; v] and o weights while a cache is set up (sampling)
 
-    def forward(self, x, cos, sin, mask, where=None, rows=None):
-        if self.cache is not None:  # where, rows: cache slots and rows (Llama._hidden_cached)
-            return self._cached(x, cos, sin, mask, where, rows)
+    def forward(self, x, cos, sin, mask, where=None, rows=None, groups=None):
+        if self.cache is not None:  # where, rows, groups: cache slots, rows and groups (Llama._hidden_cached)
+            return self._cached(x, cos, sin, mask, where, rows, groups)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # [B, nh, T, hd]
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
@@ -197,7 +226,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
-    def _cached(self, x, cos, sin, mask, where, rows):
+    def _cached(self, x, cos, sin, mask, where, rows, groups):
         """KV-cache attention (sampling): one matmul for q, k, v, RoPE on q and k at once, and at
         T = 1 the g = nh / nkv query heads of a kv head as g queries (no expanded k, v).
         mask: additive float [B, 1, T, S']; where: flat cache slot ids [B, nkv, T] (KVCache.update)."""
@@ -209,7 +238,8 @@ class Attention(nn.Module):
         k, v = self.cache.update(where, qk[:, nh:], v, rows, mask.shape[-1])  # [B, nkv, S', hd]
         if T == 1:  # query head h uses kv head h // g: [B, nkv, g, hd] attends like g tokens
             q, L = q.reshape(B, nkv, nh // nkv, hd), self.cache.shared
-            y = _cascade(q, k, v, mask, L) if L else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = (_cascade(q, k, v, mask, L, groups) if L or groups is not None
+                 else F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
         return _linear(y.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd), self.wo)
@@ -238,8 +268,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, where=None, rows=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, where, rows)
+    def forward(self, x, cos, sin, mask, where=None, rows=None, groups=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, where, rows, groups)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -316,20 +346,21 @@ class Llama(nn.Module):
             c.k, c.v = c.k[rows], c.v[rows]
 
     # -- forward -------------------------------------------------------------------------------
-    def hidden(self, idx, *, pos=None, valid=None, attn_mask=None, rows=None, static=False):
+    def hidden(self, idx, *, pos=None, valid=None, attn_mask=None, rows=None, static=False, layout=None):
         """Final (normed) hidden states [B, T, H].
 
         Without a cache: causal attention over `idx`; `valid` [B, T] (1 = real token) masks padding
         keys (left or right padding), and positions default to the count of real tokens before
-        each token. With a cache (`setup_cache`): `pos` [B, T] are the positions (= cache slots) of
-        the new tokens, each attends to slots <= its own position in its row, and `rows` [B] (long)
+        each token. With a cache (`setup_cache`): `pos` [B, T] are the positions (= cache slots but
+        with a layout) of the new tokens, each attends to slots <= its own in its row, and `rows` [B] (long)
         names the cache rows of the batch (default: all, in order); `static`: all slots, masked past
-        each position (fixed shapes for a CUDA graph). `attn_mask` [B, T, T] bool (query, key; no
-        cache) with explicit `pos` replaces the causal mask (packed pairs)."""
+        each position (fixed shapes for a CUDA graph); `layout` (a DecodeLayout, one token per row):
+        sampled tokens in slots of their own and rows grouped by prompt. `attn_mask` [B, T, T] bool
+        (query, key; no cache) with explicit `pos` replaces the causal mask (packed pairs)."""
         (B, T), dev = idx.shape, idx.device
         if self.cache_len:
             assert pos is not None, "cached forward needs explicit positions"
-            return self._hidden_cached(idx, pos, rows, static)
+            return self._hidden_cached(idx, pos, rows, static, layout)
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         if attn_mask is not None:  # packed pairs: the caller's mask and positions
             assert pos is not None, "an explicit attention mask needs explicit positions"
@@ -351,20 +382,27 @@ class Llama(nn.Module):
             x = torch.utils.checkpoint.checkpoint(blk, x, *args, use_reentrant=False) if ckpt else blk(x, *args)
         return self.model.norm(x)
 
-    def _hidden_cached(self, idx, pos, rows, static):
+    def _hidden_cached(self, idx, pos, rows, static, layout):
         """hidden() with the KV cache: RoPE rows from the tables setup_cache built, and one
-        additive mask over the slots in use, [0, max position] (static: all), shared by all layers."""
+        additive mask over the slots in use, [0, max slot] (static: all), shared by all layers.
+        A token's slot is its position, or with a layout gen_start + its index among the sampled."""
         cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]     # [B, 1, T, hd]
-        slots = torch.arange(self.cache_len if static else int(pos.max()) + 1, device=idx.device)
-        mask = torch.zeros(*pos.shape, len(slots), dtype=self.lm_head.weight.dtype, device=idx.device)
-        mask = mask.masked_fill_(slots > pos[..., None], float("-inf"))[:, None]  # [B, 1, T, S']
+        slot = pos if layout is None else pos - layout.prompt_len[:, None] + layout.gen_start  # [B, T]
+        slots = torch.arange(self.cache_len if static else int(slot.max()) + 1, device=idx.device)
+        hide = slots > slot[..., None]                                          # [B, T, S'] the future
+        if layout is not None:  # and the junk between a row's prompt and its sampled tokens
+            hide |= (slots >= layout.prompt_len[:, None, None]) & (slots < layout.gen_start)
+        mask = torch.zeros(hide.shape, dtype=self.lm_head.weight.dtype, device=idx.device)
+        mask = mask.masked_fill_(hide, float("-inf"))[:, None]                   # [B, 1, T, S']
         nkv = self.config.num_key_value_heads
         r = torch.arange(len(pos), device=idx.device) if rows is None else rows
         heads = r[:, None] * nkv + torch.arange(nkv, device=idx.device)          # [B, nkv] (row, head)
-        where = (heads * self.cache_len)[:, :, None] + pos[:, None, :]            # [B, nkv, T] flat slot ids
+        where = (heads * self.cache_len)[:, :, None] + slot[:, None, :]           # [B, nkv, T] flat slot ids
+        # rows grouped by prompt (_cascade); a static step reads each row's prompt from its own row
+        groups = layout if layout is not None and layout.rep is not None and not static else None
         x = self.model.embed_tokens(idx)                                         # [B, T, H]
         for blk in self.model.layers:
-            x = blk(x, cos, sin, mask, where, rows)
+            x = blk(x, cos, sin, mask, where, rows, groups)
         return self.model.norm(x)
 
     def forward(self, idx, *, pos=None, valid=None):

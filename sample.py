@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from model import Llama
+from model import DecodeLayout, Llama
 
 _TOP_K = (256, 4096)     # nucleus candidates tried with topk before a full sort of the vocabulary
 _MIN_SHARED_PREFIX = 16  # prompts of a call sharing at least this many leading tokens prefill them once
@@ -66,13 +66,13 @@ def pick_next(logits, temperature, top_p, u):
     and a uniform within float rounding of a CDF step (the nucleus mass is summed over K entries)."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)                         # [R, V]
+    probs = torch.softmax(logits / temperature if temperature != 1 else logits, -1)  # [R, V]
     nxt = torch.empty(len(probs), dtype=torch.long, device=probs.device)
     todo = torch.arange(len(probs), device=probs.device)                    # rows still to sample
     for K in _TOP_K if top_p < 1.0 else ():
         if K + 1 >= probs.shape[-1] or not len(todo):
             break
-        ps, order = probs[todo].topk(K + 1, dim=-1)                         # [R', K+1] descending
+        ps, order = (probs if len(todo) == len(probs) else probs[todo]).topk(K + 1, dim=-1)  # [R', K+1] descending
         before = ps.cumsum(-1)[:, K] - ps[:, K]                             # mass before token K+1, as the rule sums it
         ok = before.gt(top_p) & ps[:, :K].sum(-1).gt(top_p)                 # the nucleus lies in the top K
         nxt[todo[ok]] = _sample_sorted(ps[ok, :K], order[ok, :K], top_p, u[todo[ok]])
@@ -109,10 +109,29 @@ def prefill(model, prompts, rows, start):
     return model.head_logits(h[torch.arange(len(prompts), device=dev), lens - 1])  # [R, V]
 
 
-def decode_one(model, tok, pos, static=False):
-    """One decode step of every cache row: token ids [B] at positions [B] -> float32 logits [B, V]."""
-    h = model.hidden(tok[:, None], pos=pos[:, None], static=static)         # [B, 1, H]
+def decode_one(model, tok, pos, static=False, layout=None):
+    """One decode step of every cache row: token ids [B] at positions [B] -> float32 logits [B, V]
+    (layout: a DecodeLayout, else each token's cache slot is its position)."""
+    h = model.hidden(tok[:, None], pos=pos[:, None], static=static, layout=layout)  # [B, 1, H]
     return model.head_logits(h[:, 0])
+
+
+def _layout(prompts, held, gen_start, dev):
+    """The DecodeLayout of rows holding prompts `held` (indices): sampled tokens from slot
+    gen_start on, and the rows of each prompt grouped when some prompt has more than one (a lone
+    prompt's rows share all of it but its last token already: Llama.share_prefix)."""
+    lens = torch.tensor([len(prompts[i]) for i in held], device=dev)
+    groups = {}                   # prompt -> its rows
+    for b, i in enumerate(held):
+        groups.setdefault(i, []).append(b)
+    m = max(len(g) for g in groups.values())
+    if m < 2 or len(groups) == 1:
+        return DecodeLayout(lens, gen_start)
+    gs = list(groups.values())
+    at = sorted((b, k, j) for k, g in enumerate(gs) for j, b in enumerate(g))  # (row, its group, its index)
+    t = lambda x: torch.tensor(x, device=dev)
+    return DecodeLayout(lens, gen_start, rep=t([g[0] for g in gs]), members=t([g + g[:1] * (m - len(g)) for g in gs]),
+                        group=t([k for _, k, _ in at]), member=t([j for _, _, j in at]))
 
 
 class GraphedDecode:
@@ -125,24 +144,29 @@ class GraphedDecode:
     def __init__(self, model):
         self.cache = model.model.layers[0].self_attn.cache.k
         self.graph = None
+        self.layout = None
 
     def fits(self, model):
         return self.cache is model.model.layers[0].self_attn.cache.k
 
-    def __call__(self, model, tok, pos):
+    def __call__(self, model, tok, pos, layout=None):
         if self.graph is None:
             self.tok, self.pos = tok.clone(), pos.clone()
+            if layout is not None:  # the static step reads each row's prompt from its own row
+                self.layout = DecodeLayout(layout.prompt_len.clone(), layout.gen_start)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # the real step: writes this step's keys and values
-                out = decode_one(model, self.tok, self.pos, static=True)
+                out = decode_one(model, self.tok, self.pos, static=True, layout=self.layout)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # recorded, not run
-                self.logits = decode_one(model, self.tok, self.pos, static=True)
+                self.logits = decode_one(model, self.tok, self.pos, static=True, layout=self.layout)
             return out
         self.tok.copy_(tok)
         self.pos.copy_(pos)
+        if layout is not None:
+            self.layout.prompt_len.copy_(layout.prompt_len)
         self.graph.replay()
         return self.logits.clone()
 
@@ -215,8 +239,8 @@ class _Rows:
 def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_batch, bar, then, then_ids):
     dev = model.lm_head.weight.device
     work = [(i, j) for i in range(len(prompts)) for j in range(n)]          # in order
-    B = min(prompt_batch * n, len(work))
-    model.setup_cache(B, max(len(p) for p in prompts) + max_new + len(then))
+    B, G = min(prompt_batch * n, len(work)), max(len(p) for p in prompts)  # sampled tokens from slot G on
+    model.setup_cache(B, G + max_new + len(then))
     L = _shared_prefix(prompts, n)
     if L:  # the shared prefix once into row 0, then copied to every row (for prefills); no row
         prefill(model, [prompts[0][:L]], torch.zeros(1, dtype=torch.long, device=dev), 0)  # overwrites it
@@ -252,21 +276,23 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
             res[i][j] = Completion(rows.toks[b], rows.lps[b], "stop" if rows.toks[b][-1] in stop else "length",
                                    rows.logits[b, then_ids].tolist() if then else None)
             rows.unit[b], rows.feed[b] = None, None
-            rows.pos[b] = len(prompts[i])  # a free row decodes junk into a slot past its prompt
+            rows.pos[b] = len(prompts[i])  # a free row decodes junk into its first sampled slot
             bar.update(1)
         if fed:
             nxt[list(fed)] = torch.tensor(list(fed.values()), device=dev)
-        if done == len(work) and None in rows.unit:  # nothing pending: drop the free rows
-            ki = [b for b, u in enumerate(rows.unit) if u is not None]
-            if not ki:
+        live = [b for b, u in enumerate(rows.unit) if u is not None]
+        if done == len(work) and len(live) < len(rows.unit):  # nothing pending: rows go free
+            if not live:
                 break
-            model.select_cache_rows(torch.tensor(ki, device=dev))
-            nxt = nxt[torch.tensor(ki, device=dev)]
-            rows.keep(ki)
+            if 2 * len(live) <= len(rows.unit):  # dropped once half are: each drop copies the whole cache
+                model.select_cache_rows(torch.tensor(live, device=dev))
+                nxt = nxt[torch.tensor(live, device=dev)]
+                rows.keep(live)
         if graphed is not None and not graphed.fits(model):
             graphed = GraphedDecode(model)
-        rows.logits = graphed(model, nxt, rows.pos) if graphed else decode_one(model, nxt, rows.pos)  # [B, V]
-        rows.pos = rows.pos + 1
+        lay = _layout(prompts, rows.held, G, dev)
+        rows.logits = graphed(model, nxt, rows.pos, lay) if graphed else decode_one(model, nxt, rows.pos, layout=lay)
+        rows.pos = rows.pos + torch.tensor([u is not None for u in rows.unit], device=dev)  # a free row stays put
     model.clear_cache()
     return res
 

@@ -153,20 +153,32 @@ def test_kv_cache_prefill_and_decode_equal_full_forward():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_cascade_attention_equals_plain_softmax_attention(dtype, tol):
-    """_cascade (the shared prefix read once, from row 0) against softmax attention of every row over
-    its own full cache, in float64: rows share slots [0, L), differ after, and stop at their own
-    positions (the -inf mask)."""
+@pytest.mark.parametrize("grouped", [False, True])
+def test_cascade_attention_equals_plain_softmax_attention(dtype, tol, grouped):
+    """_cascade against softmax attention of every row over its own full cache, in float64: rows
+    share slots [0, L) (read once, from row 0), differ after, and stop at their own positions (the
+    -inf mask). Grouped (a DecodeLayout): rows 0, 3 and rows 1, 2, 4 hold two prompts of 9 and 10
+    tokens in slots [0, G) (each prompt read once, from its first row), junk between a prompt's end
+    and G (masked), and their sampled tokens from slot G on."""
     g = torch.Generator().manual_seed(0)
-    B, nkv, grp, hd, L, S = 5, 2, 3, 8, 7, 12
+    B, nkv, grp, hd, L, S, G = 5, 2, 3, 8, 7, 14, 10
     k, v = (torch.randn(B, nkv, S, hd, generator=g, dtype=torch.float64) for _ in range(2))
     k[:, :, :L], v[:, :, :L] = k[:1, :, :L], v[:1, :, :L]          # the shared prefix
     q = torch.randn(B, nkv, grp, hd, generator=g, dtype=torch.float64)
-    pos = torch.tensor([7, 8, 11, 9, 10])                            # each row's query position
-    mask = torch.zeros(B, 1, 1, S).masked_fill(torch.arange(S) > pos[:, None, None, None], float("-inf"))
+    hide = torch.arange(S) > torch.tensor([7, 8, 11, 9, 10])[:, None]  # each row's query slot
+    layout = None
+    if grouped:  # query slots from G on
+        hide = torch.arange(S) > torch.tensor([10, 12, 13, 11, 10])[:, None]
+        for rows in ([0, 3], [1, 2, 4]):                             # a group's rows hold its prompt
+            k[rows, :, L:G], v[rows, :, L:G] = k[rows[:1], :, L:G], v[rows[:1], :, L:G]
+        plen = torch.tensor([9, 10, 10, 9, 10])
+        hide |= (torch.arange(S) >= plen[:, None]) & (torch.arange(S) < G)
+        layout = M.DecodeLayout(plen, G, rep=torch.tensor([0, 1]), members=torch.tensor([[0, 3, 0], [1, 2, 4]]),
+                                group=torch.tensor([0, 1, 1, 0, 1]), member=torch.tensor([0, 0, 1, 1, 2]))
+    mask = torch.zeros(B, 1, 1, S).masked_fill(hide[:, None, None], float("-inf"))
     w = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(hd) + mask, -1)
     want = w @ v                                                     # [B, nkv, grp, hd]
-    got = M._cascade(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), L)
+    got = M._cascade(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), L, layout)
     assert got.dtype == dtype and got.shape == want.shape
     assert (got.double() - want).abs().max() < tol
 
