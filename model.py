@@ -140,7 +140,8 @@ def _linear(x, w):
 
 
 class KVCache(nn.Module):
-    """Static preallocated cache [B, n_kv, S, hd]. Row b's token at position p lives in slot p."""
+    """Static preallocated cache [B, n_kv, S, hd]. Row b's token at position p lives in slot p (a
+    sampled token, with a DecodeLayout: in slot gen_start + its index among the row's sampled)."""
 
     def __init__(self, batch, n_kv, max_len, head_dim, dtype, device):
         super().__init__()
@@ -352,7 +353,8 @@ class Llama(nn.Module):
         Without a cache: causal attention over `idx`; `valid` [B, T] (1 = real token) masks padding
         keys (left or right padding), and positions default to the count of real tokens before
         each token. With a cache (`setup_cache`): `pos` [B, T] are the positions (= cache slots but
-        with a layout) of the new tokens, each attends to slots <= its own in its row, and `rows` [B] (long)
+        with a layout) of the new tokens, each attends to slots <= its own in its row (a layout
+        also hides the junk slots between its prompt and gen_start), and `rows` [B] (long)
         names the cache rows of the batch (default: all, in order); `static`: all slots, masked past
         each position (fixed shapes for a CUDA graph); `layout` (a DecodeLayout, one token per row):
         sampled tokens in slots of their own and rows grouped by prompt. `attn_mask` [B, T, T] bool

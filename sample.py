@@ -97,7 +97,7 @@ def _shared_prefix(prompts, n):
 def prefill(model, prompts, rows, start):
     """Prefill tokens [start:] of each prompt (slots [0, start) of the rows already hold a shared
     prefix) into cache rows `rows` [R]. Returns float32 logits [R, V] after each prompt's last token.
-    Right padding writes junk into slots past a prompt, which decoding overwrites before reading."""
+    Right padding writes junk into slots past a prompt, below the sampled tokens' slots: masked."""
     dev = rows.device
     lens = torch.tensor([len(p) - start for p in prompts], device=dev)
     T = int(lens.max())
@@ -116,16 +116,16 @@ def decode_one(model, tok, pos, static=False, layout=None):
     return model.head_logits(h[:, 0])
 
 
-def _layout(prompts, held, gen_start, dev):
+def _layout(prompts, held, gen_start, shared, dev, grouped=True):
     """The DecodeLayout of rows holding prompts `held` (indices): sampled tokens from slot
-    gen_start on, and the rows of each prompt grouped when some prompt has more than one (a lone
-    prompt's rows share all of it but its last token already: Llama.share_prefix)."""
+    gen_start on, and with `grouped` the rows of each prompt grouped when some prompt has more than
+    one and the prompts hold more than one slot past the `shared` prefix all rows read once."""
     lens = torch.tensor([len(prompts[i]) for i in held], device=dev)
     groups = {}                   # prompt -> its rows
     for b, i in enumerate(held):
         groups.setdefault(i, []).append(b)
     m = max(len(g) for g in groups.values())
-    if m < 2 or len(groups) == 1:
+    if not grouped or m < 2 or gen_start - shared <= 1:
         return DecodeLayout(lens, gen_start)
     gs = list(groups.values())
     at = sorted((b, k, j) for k, g in enumerate(gs) for j, b in enumerate(g))  # (row, its group, its index)
@@ -163,6 +163,8 @@ class GraphedDecode:
             with torch.cuda.graph(self.graph):  # recorded, not run
                 self.logits = decode_one(model, self.tok, self.pos, static=True, layout=self.layout)
             return out
+        assert (layout is None) == (self.layout is None), "a graph replays the layout (or none) it captured"
+        assert layout is None or layout.gen_start == self.layout.gen_start, "gen_start is captured"
         self.tok.copy_(tok)
         self.pos.copy_(pos)
         if layout is not None:
@@ -225,7 +227,7 @@ class _Rows:
     lps: list             # their log-probs
     feed: list            # tokens still to feed after a finished sample (generate's then), else None
     logits: torch.Tensor  # [B, V] float32 next-token logits
-    pos: torch.Tensor     # [B] next position (cache slot)
+    pos: torch.Tensor     # [B] next position (RoPE; its cache slot: DecodeLayout)
     U: torch.Tensor       # [B, max_new] each row's uniforms, one per step
 
     def keep(self, ki):
@@ -290,7 +292,7 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
                 rows.keep(live)
         if graphed is not None and not graphed.fits(model):
             graphed = GraphedDecode(model)
-        lay = _layout(prompts, rows.held, G, dev)
+        lay = _layout(prompts, rows.held, G, L, dev, grouped=graphed is None)  # a graphed step has no groups
         rows.logits = graphed(model, nxt, rows.pos, lay) if graphed else decode_one(model, nxt, rows.pos, layout=lay)
         rows.pos = rows.pos + torch.tensor([u is not None for u in rows.unit], device=dev)  # a free row stays put
     model.clear_cache()

@@ -198,28 +198,33 @@ def test_rows_grouped_by_prompt_same_as_each_row_alone(monkeypatch):
     sampled tokens in slots after the longest prompt: log-probs equal a no-cache forward of
     prompt + sample (1e-5), and tokens and log-probs equal the step without groups, with ragged
     prompts (shared prefix and not), stops, rows refilled from other prompts, and free rows kept
-    while fewer than half are free; the static step (CUDA graphs) with the layout samples the same."""
+    while fewer than half are free, a suffix fed after each sample (then_logits against the
+    no-cache forward); the static step (CUDA graphs) with the layout samples the same."""
     m = tiny_model(seed=14)
     for head in ([], list(range(30, 50))):              # no shared prefix; a 20-token one
         ps = [head + p for p in prompts()]
         kw = dict(n=3, max_new_tokens=7, temperature=1.0, top_p=0.95, seed=2, prompt_batch=2, progress=False)
         kw["stop_ids"] = [c.tokens[2] for o in generate(m, ps, **kw) for c in o][:3]
+        kw.update(then=[7, 8], then_ids=[3, 4])         # a suffix fed after each sample, as the judge's verdict
         layouts = []
         orig = sample._layout
-        monkeypatch.setattr(sample, "_layout", lambda *a: layouts.append(orig(*a)) or layouts[-1])
+        monkeypatch.setattr(sample, "_layout", lambda *a, **k: layouts.append(orig(*a, **k)) or layouts[-1])
         grouped = generate(m, ps, **kw)
         assert all(x.members.shape[1] == 3 for x in layouts[:3])  # two prompts' 3 rows each at first
         sizes = [len(x.prompt_len) for x in layouts]
         shrinks = [(a, b) for a, b in zip(sizes, sizes[1:]) if a != b]
         assert shrinks and all(b <= a // 2 for a, b in shrinks)  # free rows kept until half are free
-        monkeypatch.setattr(sample, "_layout", lambda *a: (lambda x: sample.DecodeLayout(x.prompt_len, x.gen_start))(orig(*a)))
+        monkeypatch.setattr(sample, "_layout", lambda *a, **k: orig(*a, **dict(k, grouped=False)))  # no groups
         alone = generate(m, ps, **kw)
         monkeypatch.setattr(sample, "_layout", orig)
         step = sample.decode_one                          # the static step (CUDA graphs) with a layout
         monkeypatch.setattr(sample, "decode_one", lambda *a, **k: step(*a, **dict(k, static=True)))
         static = generate(m, ps, **kw)
         monkeypatch.setattr(sample, "decode_one", step)
-        assert [[c.tokens for c in o] for o in static] == [[c.tokens for c in o] for o in alone]
+        for o, q in zip(static, alone):
+            for c, d in zip(o, q):
+                assert c.tokens == d.tokens
+                assert torch.allclose(torch.tensor(c.logprobs), torch.tensor(d.logprobs), atol=1e-5, rtol=0)
         assert {c.finish for o in grouped for c in o} == {"stop", "length"}
         for p, o, q in zip(ps, grouped, alone):
             for c, d in zip(o, q):
@@ -229,6 +234,10 @@ def test_rows_grouped_by_prompt_same_as_each_row_alone(monkeypatch):
                     lp = torch.log_softmax(m(torch.tensor([p + c.tokens]))[0], -1)
                 want = torch.tensor([float(lp[len(p) - 1 + t, x]) for t, x in enumerate(c.tokens)])
                 assert torch.allclose(torch.tensor(c.logprobs), want, atol=1e-5, rtol=0)
+                seq = p + [t for t in c.tokens if t not in kw["stop_ids"]] + kw["then"]
+                with torch.no_grad():
+                    after = m(torch.tensor([seq]))[0, -1, kw["then_ids"]]
+                assert torch.allclose(torch.tensor(c.then_logits), after, atol=1e-5, rtol=0)
 
 
 def test_then_suffix_logits_equal_a_full_forward():
