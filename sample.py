@@ -188,10 +188,13 @@ def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top
     on `prompt_batch` or on which prompts share a batch (up to float tolerance).
 
     Work: the (prompt, sample) pairs, in order, run in prompt_batch * n cache rows (continuous
-    batching): a row whose sample ends takes the next pending pair. A prompt is prefilled once,
-    its cache copied to the rows of its other samples; a leading token prefix all prompts share
-    (a judge system prompt; all of a lone prompt) is prefilled once for the call and attended once
-    per decode step for all rows (cascade attention, Llama.share_prefix).
+    batching): a row whose sample ends takes the next pending pair (with none pending, it idles
+    until half the rows do, then they are dropped). A prompt is prefilled once, its cache copied to
+    the rows of its other samples; a leading token prefix all prompts share (a judge system prompt;
+    all of a lone prompt) is prefilled once for the call and attended once per decode step for all
+    rows (cascade attention, Llama.share_prefix), and the rest of a prompt once per step for the
+    rows sampling it (DecodeLayout groups; not in a CUDA-graph step), each row's sampled tokens
+    per row.
 
     then: token ids fed after each sample ends (its stop token left out), in the same decode steps;
     Completion.then_logits holds the logits of `then_ids` after them (what a forward of prompt +
