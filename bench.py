@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench_gpu import (bandwidth, bench_sample_cuda, bench_train_cuda, decode_flops, decode_step_case,
+from bench_gpu import (bandwidth, bench_sample_cuda, bench_train_cuda, decode_flops, decode_step_case, weight_matmuls_case,
                        gemm_flops, timed)
 from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
 from eval import HelpFormatter
@@ -91,7 +91,7 @@ def bench_sample(a):
     steps = []
     bw = bandwidth()
     for dt, model in (("float32", m), ("bfloat16", m16)):
-        t = decode_step_case(model, judge, n, a.repeats)
+        t, w = decode_step_case(model, judge, n, a.repeats), weight_matmuls_case(model, n, a.repeats)
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head once
         ctx = len(judge) + 8 * (a.repeats + 1)  # the mean context of decode_step_case's 16 * (repeats + 1) steps
         flops, peak = decode_flops(model, n, ctx), gemm_flops(model.lm_head.weight.dtype)
@@ -99,7 +99,8 @@ def bench_sample(a):
         steps.append({"dtype": dt, "step_ms": t[0] * 1e3, "step_ms_median": t[1] * 1e3, "weight_mb": wbytes / 1e6,
                       "bandwidth_gb_s": bw / 1e9, "limit_ms": wbytes / bw * 1e3, "ratio_to_limit": t[0] * bw / wbytes,
                       "gflop": flops / 1e9, "gemm_gflop_s": peak / 1e9, "flop_limit_ms": flops / peak * 1e3,
-                      "ratio_to_both_limits": t[0] / limit})
+                      "ratio_to_both_limits": t[0] / limit, "matmuls_ms": w[0] * 1e3, "matmuls_ms_median": w[1] * 1e3,
+                      "matmuls_ratio_to_limit": w[0] * bw / wbytes})
         print(json.dumps(steps[-1]))
     print("\n| case | ours tok/s (best / median) | HF generate tok/s (best / median) | ours / HF | no-cache loop tok/s |")
     print("|---|---|---|---|---|")
@@ -110,14 +111,16 @@ def bench_sample(a):
         print(f"| {r['case']} | {r['ours_tok_s']:.1f} / {r['ours_tok_s_median']:.1f} | {hfc} | {rat} | {nc} |")
     print(f"\ndecode step, {n} rows after the {len(judge)}-token judge prompt (forward, lm_head, top-p pick); "
           f"limit = weight bytes / bandwidth (sum over 512 MiB, best of 5); FLOP limit = the step's FLOPs / "
-          f"a 1024^3 matmul's FLOP/s (best of 5)\n")
+          f"a 1024^3 matmul's FLOP/s (best of 5); weight matmuls = the step's matmuls alone on the sampler's packed "
+          f"weights (the floor its kernels put under the step)\n")
     print("| dtype | step ms (best / median) | weights MB | bandwidth GB/s | limit ms | step / limit | "
-          "GFLOP | matmul GFLOP/s | FLOP limit ms | step / larger limit |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "GFLOP | matmul GFLOP/s | FLOP limit ms | step / larger limit | weight matmuls ms | matmuls / limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in steps:
         print(f"| {r['dtype']} | {r['step_ms']:.1f} / {r['step_ms_median']:.1f} | {r['weight_mb']:.0f} | "
               f"{r['bandwidth_gb_s']:.1f} | {r['limit_ms']:.1f} | {r['ratio_to_limit']:.2f}x | {r['gflop']:.2f} | "
-              f"{r['gemm_gflop_s']:.0f} | {r['flop_limit_ms']:.1f} | {r['ratio_to_both_limits']:.2f}x |")
+              f"{r['gemm_gflop_s']:.0f} | {r['flop_limit_ms']:.1f} | {r['ratio_to_both_limits']:.2f}x | "
+              f"{r['matmuls_ms']:.1f} / {r['matmuls_ms_median']:.1f} | {r['matmuls_ratio_to_limit']:.2f}x |")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from data import Example
 from kernels import pair_logps
 from losses import make_step_dpo
-from model import Llama, LlamaConfig, rope_inv_freq
+from model import Llama, LlamaConfig, _linear, rope_inv_freq
 import sample
 from sample import GraphedDecode, decode_one, generate, pick_next, prefill
 
@@ -45,6 +45,27 @@ def decode_flops(m, rows, context):
     c = m.config
     lin = sum(p.numel() for k, p in m.named_parameters() if k.endswith("proj.weight")) + m.lm_head.weight.numel()
     return 2 * rows * lin + 4 * rows * c.num_hidden_layers * c.num_attention_heads * c.head_dim * context
+
+
+def weight_matmuls_case(m, rows, repeats, steps=16):
+    """Seconds (min, median) of a decode step's weight matmuls alone: every block's fused q/k/v, o,
+    gate/up and down and the lm_head for `rows` rows, on the weights the sampler packs (_pack): the
+    floor the matmul kernels put under a step, beside the byte and FLOP limits."""
+    c, dev, dt = m.config, m.lm_head.weight.device, m.lm_head.weight.dtype
+    m.setup_cache(rows, 1)
+    x, xi = torch.randn(rows, 1, c.hidden_size, dtype=dt, device=dev), torch.randn(rows, 1, c.intermediate_size, dtype=dt, device=dev)
+
+    def run():
+        for _ in range(steps):
+            for blk in m.model.layers:
+                a, f = blk.self_attn, blk.mlp
+                _linear(x, a.wqkv), _linear(x, a.wo), _linear(x, f.w13), _linear(xi, f.w2)
+            m.head_logits(x[:, 0])
+    with torch.no_grad():
+        run()  # warm-up
+        tmin, tmed = timed(run, repeats)
+    m.clear_cache()
+    return tmin / steps, tmed / steps
 
 
 def decode_step_case(m, prompt, n, repeats, steps=16, graphs=False, share=True):
