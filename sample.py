@@ -258,6 +258,7 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
     graphed = GraphedDecode(model) if dev.type == "cuda" and CUDA_GRAPHS else None
     plog = {}                    # prompt -> logits after its last token, while samples of it wait
     done = 0                     # work admitted so far
+    lay = held = None            # the DecodeLayout of the prompts the rows held when it was built
     while True:
         done = _admit(model, prompts, seeds, work, done, rows, plog, L)
         step = torch.tensor([len(t) if t is not None else 0 for t in rows.toks], device=dev).clamp(max=max_new - 1)
@@ -295,7 +296,9 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
                 rows.keep(live)
         if graphed is not None and not graphed.fits(model):
             graphed = GraphedDecode(model)
-        lay = _layout(prompts, rows.held, G, L, dev, grouped=graphed is None)  # a graphed step has no groups
+        if lay is None or held != rows.held:  # the layout changes only with the prompts the rows hold
+            held = list(rows.held)
+            lay = _layout(prompts, held, G, L, dev, grouped=graphed is None)  # a graphed step has no groups
         rows.logits = graphed(model, nxt, rows.pos, lay) if graphed else decode_one(model, nxt, rows.pos, layout=lay)
         rows.pos = rows.pos + torch.tensor([u is not None for u in rows.unit], device=dev)  # a free row stays put
     model.clear_cache()
