@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from bench_gpu import (bandwidth, bench_sample_cuda, bench_train_cuda, decode_flops, decode_step_case, weight_matmuls_case,
-                       gemm_flops, timed)
+from bench_gpu import (bandwidth, bench_sample_cuda, bench_train_cuda, decode_flops, decode_step_case, gemm_flops,
+                       timed, weight_matmuls_case)
 from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
 from eval import HelpFormatter
 from genrm import judge_messages

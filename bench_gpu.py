@@ -53,7 +53,7 @@ def weight_matmuls_case(m, rows, repeats, steps=16):
     floor the matmul kernels put under a step, beside the byte and FLOP limits."""
     c, dev, dt = m.config, m.lm_head.weight.device, m.lm_head.weight.dtype
     m.setup_cache(rows, 1)
-    x, xi = torch.randn(rows, 1, c.hidden_size, dtype=dt, device=dev), torch.randn(rows, 1, c.intermediate_size, dtype=dt, device=dev)
+    x, xi = (torch.randn(rows, 1, d, dtype=dt, device=dev) for d in (c.hidden_size, c.intermediate_size))
 
     def run():
         for _ in range(steps):

@@ -171,8 +171,7 @@ class DecodeLayout:
     (no groups: each row reads its own prompt)."""
     prompt_len: torch.Tensor  # [B] long
     gen_start: int            # the call's longest prompt
-    rep: torch.Tensor | None = None      # [P] a row holding each group's prompt
-    members: torch.Tensor | None = None  # [P, m] the rows of each group, padded with its rep
+    members: torch.Tensor | None = None  # [P, m] the rows of each group (its first reads the prompt), padded with it
     group: torch.Tensor | None = None    # [B] each row's group
     member: torch.Tensor | None = None   # [B] each row's index in members[group]
 
@@ -189,11 +188,11 @@ def _cascade(q, k, v, mask, L, groups: DecodeLayout | None = None):
     k0, v0, k2, v2 = k[0, :, :L].float(), v[0, :, :L].float(), k[:, :, G:].float(), v[:, :, G:].float()
     s = [(q.transpose(0, 1).reshape(nkv, B * g, hd) @ k0.transpose(1, 2)).view(nkv, B, g, L).transpose(0, 1)]
     if G > L:  # per group: the members' queries as one block against their prompt's keys
-        (P, m), at = groups.members.shape, (groups.group, slice(None), groups.member)  # row b's block
-        kb, vb = k[groups.rep, :, L:G].float(), v[groups.rep, :, L:G].float()      # [P, nkv, G-L, hd]
+        (P, m), at, rep = groups.members.shape, (groups.group, slice(None), groups.member), groups.members[:, 0]
+        kb, vb = k[rep, :, L:G].float(), v[rep, :, L:G].float()                    # [P, nkv, G-L, hd]
         qg = q[groups.members].transpose(1, 2).reshape(P, nkv, m * g, hd)          # [P, nkv, m*g, hd]
-        sb = (qg @ kb.transpose(2, 3)).view(P, nkv, m, g, G - L) + mask[groups.rep, :, :, None, L:G]
-        s.append(sb[at])                                                           # [B, nkv, g, G-L]
+        sb = (qg @ kb.transpose(2, 3)).view(P, nkv, m, g, G - L) + mask[rep, :, :, None, L:G]
+        s.append(sb[at])                                                           # [B, nkv, g, G-L]: row b's block
     s.append(q @ k2.transpose(2, 3) + mask[..., G:])                               # [B, nkv, g, S'-G]
     p = torch.cat(s, -1).mul_(hd ** -0.5).softmax(-1)                              # [B, nkv, g, S']
     y = (p[..., :L].transpose(0, 1).reshape(nkv, B * g, L) @ v0).view(nkv, B, g, hd).transpose(0, 1)
@@ -401,7 +400,7 @@ class Llama(nn.Module):
         heads = r[:, None] * nkv + torch.arange(nkv, device=idx.device)          # [B, nkv] (row, head)
         where = (heads * self.cache_len)[:, :, None] + slot[:, None, :]           # [B, nkv, T] flat slot ids
         # rows grouped by prompt (_cascade); a static step reads each row's prompt from its own row
-        groups = layout if layout is not None and layout.rep is not None and not static else None
+        groups = layout if layout is not None and layout.members is not None and not static else None
         x = self.model.embed_tokens(idx)                                         # [B, T, H]
         for blk in self.model.layers:
             x = blk(x, cos, sin, mask, where, rows, groups)

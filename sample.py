@@ -130,7 +130,7 @@ def _layout(prompts, held, gen_start, shared, dev, grouped=True):
     gs = list(groups.values())
     at = sorted((b, k, j) for k, g in enumerate(gs) for j, b in enumerate(g))  # (row, its group, its index)
     t = lambda x: torch.tensor(x, device=dev)
-    return DecodeLayout(lens, gen_start, rep=t([g[0] for g in gs]), members=t([g + g[:1] * (m - len(g)) for g in gs]),
+    return DecodeLayout(lens, gen_start, members=t([g + g[:1] * (m - len(g)) for g in gs]),
                         group=t([k for _, k, _ in at]), member=t([j for _, _, j in at]))
 
 

@@ -173,7 +173,7 @@ def test_cascade_attention_equals_plain_softmax_attention(dtype, tol, grouped):
             k[rows, :, L:G], v[rows, :, L:G] = k[rows[:1], :, L:G], v[rows[:1], :, L:G]
         plen = torch.tensor([9, 10, 10, 9, 10])
         hide |= (torch.arange(S) >= plen[:, None]) & (torch.arange(S) < G)
-        layout = M.DecodeLayout(plen, G, rep=torch.tensor([0, 1]), members=torch.tensor([[0, 3, 0], [1, 2, 4]]),
+        layout = M.DecodeLayout(plen, G, members=torch.tensor([[0, 3, 0], [1, 2, 4]]),
                                 group=torch.tensor([0, 1, 1, 0, 1]), member=torch.tensor([0, 0, 1, 1, 2]))
     mask = torch.zeros(B, 1, 1, S).masked_fill(hide[:, None, None], float("-inf"))
     w = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(hd) + mask, -1)
