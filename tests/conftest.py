@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests that read ../shared skip with a reason when it is absent."""
+"""Shared fixtures. Golden files ship in tests/golden (`golden`); the few tests that read what is too
+large to ship from ../shared skip with a reason when it is absent (`need_shared`)."""
 import sys
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
+GOLDEN = ROOT / "tests" / "golden"
 
 from model import Llama, LlamaConfig  # noqa: E402
 
@@ -18,6 +20,13 @@ def need_shared(*parts):
     p = SHARED.joinpath(*parts)
     if not p.exists():
         pytest.skip(f"{p} is absent (../shared is only beside the project in the team's checkouts and CI)")
+    return p
+
+
+def golden(*parts):
+    """A file or directory under tests/golden (shipped with the project, so it never skips)."""
+    p = GOLDEN.joinpath(*parts)
+    assert p.exists(), f"{p} is missing from the project's golden files (tests/golden/README.md lists them)"
     return p
 
 

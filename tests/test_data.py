@@ -3,12 +3,12 @@ import json
 
 import pytest
 
-from conftest import need_shared
+from conftest import golden, need_shared
 from data import LoadStats, load_pairs, load_tokenizer, pad, prompt_completion_batch
 
 
 def test_smollm2_tokenizer_golden(smoltok):
-    for r in json.loads(need_shared("golden", "smollm2_tokenizer_golden.json").read_text()):
+    for r in json.loads(golden("smollm2_tokenizer_golden.json").read_text()):
         assert smoltok.encode(r["text"]) == r["ids"], r["text"]
     # every digit is its own token
     ids = smoltok.encode("year 20481")
@@ -16,7 +16,7 @@ def test_smollm2_tokenizer_golden(smoltok):
 
 
 def test_smollm2_chat_template_golden(smoltok):
-    g = json.loads(need_shared("golden", "smollm2_135m_instruct_golden.json").read_text())
+    g = json.loads(golden("smollm2_135m_instruct_golden.json").read_text())
     for r in g["records"]:
         ids = smoltok.apply_chat(r["messages"])
         assert ids == r["input_ids"]
@@ -24,7 +24,7 @@ def test_smollm2_chat_template_golden(smoltok):
 
 
 def test_llama3_tokenizer_and_chat_golden():
-    g = json.loads(need_shared("golden", "llama3_tokenizer_golden.json").read_text())
+    g = json.loads(golden("llama3_tokenizer_golden.json").read_text())
     tok = load_tokenizer(need_shared("assets", "llama3-tokenizer"))
     for r in g["plain"]:
         assert tok.encode(r["text"]) == r["ids"], r["text"]

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import gguf as G
 import model as M
-from conftest import need_shared, tiny_config, tiny_model
+from conftest import golden, tiny_config, tiny_model
 
 
 # ---------------------------------------------------------------- a naive Llama, written here
@@ -89,7 +89,7 @@ def test_matches_naive_implementation():
 
 
 def test_rope_inv_freq_matches_meta_llama31_8b():
-    g = torch.load(need_shared("golden", "llama31_8b_rope_inv_freq.pt"))
+    g = torch.load(golden("llama31_8b_rope_inv_freq.pt"))
     cfg = tiny_config(head_dim=g["head_dim"], rope_theta=g["rope_theta"],
                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
@@ -100,7 +100,7 @@ def test_rope_inv_freq_matches_meta_llama31_8b():
 
 
 def test_tiny_llama31_golden_logits():
-    d = need_shared("golden", "tiny-llama31")
+    d = golden("tiny-llama31")
     g = torch.load(d / "golden.pt")
     m = M.Llama.from_pretrained(d).eval()
     assert torch.allclose(m.inv_freq, g["rope_inv_freq"].float(), rtol=1e-6)
@@ -114,7 +114,7 @@ def test_tiny_llama31_golden_logits():
 
 def test_tiny_llama31_golden_greedy():
     from sample import generate
-    d = need_shared("golden", "tiny-llama31")
+    d = golden("tiny-llama31")
     g = torch.load(d / "golden.pt")
     m = M.Llama.from_pretrained(d).eval()
     want = g["greedy_from_first8"]  # HF greedy continuation of row 0's first 8 tokens
@@ -123,7 +123,7 @@ def test_tiny_llama31_golden_greedy():
 
 
 def test_smollm2_matches_hf_golden(smollm):
-    g = json.loads(need_shared("golden", "smollm2_135m_instruct_golden.json").read_text())
+    g = json.loads(golden("smollm2_135m_instruct_golden.json").read_text())
     from sample import generate
     for r in g["records"]:
         with torch.no_grad():
@@ -238,7 +238,7 @@ def test_save_load_bitwise_and_hf_layout(tmp_path):
 
 
 def test_saved_keys_equal_hf_checkpoint_keys(tmp_path):
-    d = need_shared("golden", "tiny-llama31")
+    d = golden("tiny-llama31")
     M.Llama.from_pretrained(d).save_pretrained(tmp_path)
     mine, hf = load_file(str(tmp_path / "model.safetensors")), load_file(str(d / "model.safetensors"))
     assert set(mine) == set(hf)
