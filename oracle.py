@@ -1,0 +1,397 @@
+"""Reference numbers for someone else's checkpoint and data (the project as a correctness oracle),
+and the comparison of two such dumps.
+
+  python oracle.py --model DIR --data FILE --out OUT.jsonl [--ref DIR] [--genrm] [--top-p P]
+  python oracle.py --compare OURS.jsonl THEIRS.jsonl [--tol X]
+  python oracle.py --model DIR --data FILE --diagnose
+
+Per completion token: log softmax(logits[t-1])[token t] under the model at temperature 1 in
+float32, one sequence at a time (no padding), and the same recomputed in float64 by a plain
+forward written here (`float64_logits`), whose largest difference bounds float32's rounding.
+Pairs add TRL's DPO quantities against a reference model (h, loss, rewards beta * (logp - ref)),
+a score head adds Bradley-Terry rewards, --genrm the GenRM p(A > B) of Eq. 7 in both orders.
+The output schema is in the README, "Using it as an oracle".
+"""
+import argparse
+import functools
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import Pair, completion_ids, load_tokenizer, prompt_completion_batch
+from files import read_jsonl, write_jsonl
+from genrm import p_chosen
+from losses import bt_loss, dpo_loss
+from model import Llama, rope_inv_freq
+from sample import top_p_filter
+
+TOP_K = 5
+RATIO_BANDS = (0.1, 0.2)  # the fraction of tokens whose exp(diff) leaves [1 - b, 1 + b] is reported
+
+
+# ----------------------------------------------------------------------------------------------
+# input rows
+
+def _ids_field(path, n, r, key, vocab):
+    v = r[key]
+    if not isinstance(v, list) or not v or not all(isinstance(t, int) and 0 <= t < vocab for t in v):
+        raise ValueError(f"{path}:{n}: field '{key}' must be a non-empty list of token ids in [0, {vocab})")
+    return v
+
+
+def _text_field(path, n, r, key):
+    if not isinstance(r.get(key), str):
+        raise ValueError(f"{path}:{n}: field '{key}' must be a string, got {type(r.get(key)).__name__}")
+    return r[key]
+
+
+def read_items(path, vocab, get_tok, want_pairs_text=False):
+    """Rows of FILE as items {"id", "prompt" (ids), "seqs" {name: completion ids}, "pair" (a
+    data.Pair for text pairs, else None)}. Token-id rows need no tokenizer; text rows are rendered
+    with the model's chat template (get_tok() loads it once). Any bad row: ValueError naming the
+    file, line and field."""
+    items, seen = [], set()
+    for n, r in read_jsonl(path):
+        rid = str(r.get("id", n))
+        if rid in seen:
+            raise ValueError(f"{path}:{n}: field 'id': duplicate id {rid!r} (dumps are matched by id)")
+        seen.add(rid)
+        pair = None
+        if "prompt_ids" in r:
+            prompt = _ids_field(path, n, r, "prompt_ids", vocab)
+            names = ("completion_ids",) if "completion_ids" in r else ("chosen_ids", "rejected_ids")
+            for k in (k for k in names if k not in r):
+                raise ValueError(f"{path}:{n}: missing field '{k}' (or 'completion_ids' for a completion)")
+            seqs = {k[:-4]: _ids_field(path, n, r, k, vocab) for k in names}
+        elif "prompt" in r or "messages" in r:
+            tok = get_tok()
+            msgs = r.get("messages") or [{"role": "user", "content": _text_field(path, n, r, "prompt")}]
+            try:
+                prompt = tok.apply_chat(msgs)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: field 'messages': {e}") from None
+            names = ("completion",) if "completion" in r else ("chosen", "rejected")
+            seqs = {k: completion_ids(tok, _text_field(path, n, r, k)) for k in names}
+            if len(seqs) == 2:
+                pair = Pair(id=rid, prompt=msgs[-1]["content"], chosen=r["chosen"], rejected=r["rejected"],
+                            messages=r.get("messages"))
+        else:
+            raise ValueError(f"{path}:{n}: missing field 'prompt_ids' (token ids) or 'prompt' / 'messages'")
+        if want_pairs_text and len(seqs) == 2 and pair is None:
+            raise ValueError(f"{path}:{n}: field 'chosen': --genrm needs text pairs (its prompt is text)")
+        items.append({"id": rid, "prompt": prompt, "seqs": seqs, "pair": pair})
+    if not items:
+        raise ValueError(f"{path}: no rows")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# the numbers
+
+def _sequences(items):
+    return [(it["prompt"], c) for it in items for c in it["seqs"].values()]
+
+
+@torch.no_grad()
+def score(model, items, *, batch_size=1, temperature=None, top_p=None):
+    """Per-sequence float32 numbers of every (prompt, completion) of `items`, in order: log-probs of
+    the completion tokens, top-5 per position, the Bradley-Terry reward (a score head), and with
+    temperature / top_p the processed log-probs: log of the renormalised nucleus of
+    softmax(logits / T) that a sampler draws from (None for a token outside it)."""
+    seqs, out = _sequences(items), []
+    dev = model.lm_head.weight.device
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s:s + batch_size]
+        idx, valid, _ = prompt_completion_batch(chunk, pad_id=0)  # right padding; pad id is masked out
+        idx, valid = idx.to(dev), valid.to(dev)
+        logits = model(idx, valid=valid)                                      # [b, T, V] float32
+        rewards = model.reward(idx, valid).tolist() if model.score is not None else None
+        for i, (prompt, comp) in enumerate(chunk):
+            P, C = len(prompt), len(comp)
+            lg = logits[i, P - 1:P + C - 1]                                   # [C, V] predicts comp
+            tgt = torch.tensor(comp, device=dev)
+            lp = torch.log_softmax(lg, -1)
+            tok_lp = lp.gather(1, tgt[:, None]).squeeze(1)
+            top = lp.topk(TOP_K, -1)
+            rec = {"token_ids": comp, "logprobs": tok_lp.tolist(), "logprob_sum": tok_lp.sum().item(),
+                   "logprob_mean": tok_lp.mean().item(), "top5_ids": top.indices.tolist(),
+                   "top5_logprobs": top.values.tolist()}
+            if temperature is not None or top_p is not None:
+                rec.update(processed(lg, tgt, temperature or 1.0, top_p or 1.0))
+            if rewards is not None:
+                rec["reward"] = rewards[i]
+            out.append(rec)
+    return out
+
+
+def processed(logits, tgt, temperature, top_p):
+    """The log-probs of tokens `tgt` [C] under the distribution a sampler at (temperature, top_p)
+    draws from: softmax(logits / T), cut to the nucleus (sample.top_p_filter) and renormalised."""
+    kept, order = top_p_filter(torch.softmax(logits / temperature, -1), top_p)   # [C, V] sorted
+    p = kept.gather(1, (order == tgt[:, None]).float().argmax(1, keepdim=True)).squeeze(1)
+    lp = [math.log(x) if x > 0 else None for x in p.double().tolist()]
+    total = None if None in lp else sum(lp)
+    return {"processed_logprobs": lp, "processed_logprob_sum": total,
+            "processing": {"temperature": temperature, "top_p": top_p}}
+
+
+def _rms64(x, w, eps):
+    return w * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope64(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def float64_logits(weights, cfg, ids):
+    """Logits [T, V] of one sequence with every step in float64 (weights: the state dict in
+    float64): a plain forward written apart from model.py (explicit causal softmax attention with
+    repeated kv heads), so its difference from the float32 pass measures rounding. The RoPE
+    frequencies are the convention's float32 values (rope_inv_freq), applied in float64."""
+    T, nh, nkv, hd = len(ids), cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * rope_inv_freq(cfg).double()[None]  # [T, hd/2]
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    future = ~torch.ones(T, T, dtype=torch.bool).tril()
+    x = weights["model.embed_tokens.weight"][torch.tensor(ids)]               # [T, H]
+    for i in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        w = {k[len(pre):]: v for k, v in weights.items() if k.startswith(pre)}
+        h = _rms64(x, w["input_layernorm.weight"], cfg.rms_norm_eps)
+        q = (h @ w["self_attn.q_proj.weight"].T).view(T, nh, hd).transpose(0, 1)      # [nh, T, hd]
+        k = (h @ w["self_attn.k_proj.weight"].T).view(T, nkv, hd).transpose(0, 1)     # [nkv, T, hd]
+        v = (h @ w["self_attn.v_proj.weight"].T).view(T, nkv, hd).transpose(0, 1)
+        k, v = k.repeat_interleave(nh // nkv, 0), v.repeat_interleave(nh // nkv, 0)   # head j uses kv j // g
+        q, k = _rope64(q, cos, sin), _rope64(k, cos, sin)
+        att = ((q @ k.transpose(1, 2)) / math.sqrt(hd)).masked_fill(future, float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(0, 1).reshape(T, nh * hd) @ w["self_attn.o_proj.weight"].T
+        h = _rms64(x, w["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        gate, up = h @ w["mlp.gate_proj.weight"].T, h @ w["mlp.up_proj.weight"].T
+        x = x + (F.silu(gate) * up) @ w["mlp.down_proj.weight"].T
+    x = _rms64(x, weights["model.norm.weight"], cfg.rms_norm_eps)
+    return x @ weights.get("lm_head.weight", weights["model.embed_tokens.weight"]).T
+
+
+@torch.no_grad()
+def add_float64(model, items, recs):
+    """Recompute every sequence's completion log-probs in float64 (float64_logits) and store the
+    float64 sum and the largest |float32 - float64| per token in each record."""
+    weights = {k: v.detach().double().cpu() for k, v in model.state_dict().items()}
+    for (prompt, comp), rec in zip(_sequences(items), recs):
+        lp = torch.log_softmax(float64_logits(weights, model.config, prompt + comp), -1)
+        tok_lp = lp[len(prompt) - 1:-1].gather(1, torch.tensor(comp)[:, None]).squeeze(1)
+        rec["logprob_sum_float64"] = tok_lp.sum().item()
+        ours = torch.tensor(rec["logprobs"], dtype=torch.float64)
+        rec["float64_max_abs_diff"] = (tok_lp - ours).abs().max().item()
+
+
+def build_rows(items, recs):
+    """Records (one per sequence, in _sequences order) -> output rows: a completion row is flat
+    {"id", "prompt_ids", ...sequence}; a pair is {"id", "prompt_ids", "chosen", "rejected"}."""
+    rows, it_recs = [], iter(recs)
+    for it in items:
+        row = {"id": it["id"], "prompt_ids": it["prompt"]}
+        if "completion" in it["seqs"]:
+            row.update(next(it_recs))
+        else:
+            row["chosen"], row["rejected"] = next(it_recs), next(it_recs)
+        rows.append(row)
+    return rows
+
+
+def add_pair_numbers(rows, ref_recs, args):
+    """DPO in TRL's convention against the reference's log-probs (rows in place): h = (pi_w - ref_w)
+    - (pi_l - ref_l) on sums, rewards beta * (logp - ref), loss per losses.dpo_loss (IPO on
+    per-token averages, as TRL); and the Bradley-Terry loss where the model has a score head."""
+    ref_it = iter(ref_recs) if ref_recs is not None else None
+    for row in rows:
+        if "chosen" not in row:
+            if ref_it is not None:
+                row["ref_logprob_sum"] = next(ref_it)["logprob_sum"]
+            continue
+        w, l = row["chosen"], row["rejected"]
+        if "reward" in w:
+            row["bt_loss"] = bt_loss(torch.tensor(w["reward"]), torch.tensor(l["reward"])).item()
+        if ref_it is None:
+            continue
+        rw, rl = next(ref_it), next(ref_it)
+        w["ref_logprob_sum"], l["ref_logprob_sum"] = rw["logprob_sum"], rl["logprob_sum"]
+        key = "logprob_mean" if args.loss_type == "ipo" else "logprob_sum"
+        t = torch.tensor([[w[key], l[key], rw[key], rl[key]]], dtype=torch.float64)
+        loss = dpo_loss(t[:, 0], t[:, 1], t[:, 2], t[:, 3], beta=args.beta,
+                        label_smoothing=args.label_smoothing, loss_type=args.loss_type)
+        row.update(h=(w["logprob_sum"] - rw["logprob_sum"]) - (l["logprob_sum"] - rl["logprob_sum"]),
+                   loss=loss.item(), chosen_reward=args.beta * (w["logprob_sum"] - rw["logprob_sum"]),
+                   rejected_reward=args.beta * (l["logprob_sum"] - rl["logprob_sum"]),
+                   dpo=dict(beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing))
+
+
+def add_genrm(model, tok, items, rows):
+    """p(A > B) of Eq. 7 (the Fig. 8 prompt's indicator tokens) with the chosen answer as A, and
+    with it as B, from genrm.p_chosen (rows in place)."""
+    for it, row in zip(items, rows):  # build_rows keeps the items' order
+        if it["pair"] is not None:
+            first = p_chosen(model, tok, [it["pair"]], [True]).item()        # chosen is A: p(A > B)
+            second = p_chosen(model, tok, [it["pair"]], [False]).item()      # chosen is B: 1 - p(A > B)
+            row["genrm_p_a"] = {"chosen_is_a": first, "chosen_is_b": 1 - second}
+
+
+# ----------------------------------------------------------------------------------------------
+# comparing two dumps
+
+def row_sequences(row):
+    """(name, sequence record) of a dump row: the row itself, or its chosen and rejected."""
+    if "logprobs" in row:
+        return [("", row)]
+    return [(k, row[k]) for k in ("chosen", "rejected") if isinstance(row.get(k), dict)]
+
+
+def compare(ours, theirs, tol):
+    """Mismatch statistics of dump rows `theirs` against `ours` (matched by id) as printable lines,
+    and whether every check is within `tol`: per-token |diff| max, the DPO loss, equal token ids,
+    no missing rows. `ours`, `theirs`: lists of rows."""
+    a, b = {r["id"]: r for r in ours}, {r["id"]: r for r in theirs}
+    diffs, sums, losses, top1, top5, worst, bad_ids, proc = [], [], [], [], [], [], [], []
+    for rid in (k for k in a if k in b):
+        for (name, x), (_, y) in zip(row_sequences(a[rid]), row_sequences(b[rid])):
+            label = f"{rid}{'/' + name if name else ''}"
+            if x["token_ids"] != y.get("token_ids"):
+                bad_ids.append(label)
+                continue
+            d = np.asarray(y["logprobs"], dtype=np.float64) - np.asarray(x["logprobs"], dtype=np.float64)
+            diffs.append(d)
+            worst.append((float(np.abs(d).max()), label, int(np.abs(d).argmax())))
+            sums.append(abs(d.sum()))
+            if "top5_ids" in x and "top5_ids" in y:
+                top1 += [p[0] == q[0] for p, q in zip(x["top5_ids"], y["top5_ids"])]
+                top5 += [len(set(p) & set(q)) / TOP_K for p, q in zip(x["top5_ids"], y["top5_ids"])]
+            if "processed_logprobs" in x and "processed_logprobs" in y:
+                proc += [abs(p - q) if p is not None and q is not None else (0.0 if p == q else math.inf)
+                         for p, q in zip(x["processed_logprobs"], y["processed_logprobs"])]
+        if "loss" in a[rid] and "loss" in b[rid]:
+            losses.append((abs(b[rid]["loss"] - a[rid]["loss"]), rid))
+    missing = sorted(set(a) ^ set(b))
+    lines = [f"rows: {len(set(a) & set(b))} matched, {len(missing)} in only one dump"
+             + (f" (e.g. {missing[:5]})" if missing else "")]
+    ok = not missing and not bad_ids
+    if bad_ids:
+        lines.append(f"different token ids in {len(bad_ids)} sequence(s), not compared: {bad_ids[:5]}")
+    if diffs:
+        d = np.abs(np.concatenate(diffs))
+        lines.append(f"per-token |diff| over {d.size} tokens: mean {d.mean():.3g}, "
+                     f"p95 {np.percentile(d, 95):.3g}, max {d.max():.3g} (tol {tol:g})")
+        ratio = np.exp(np.concatenate(diffs))
+        lines.append("tokens with exp(diff) outside " + ", ".join(
+            f"[{1 - r:g}, {1 + r:g}]: {np.mean((ratio < 1 - r) | (ratio > 1 + r)):.4f}" for r in RATIO_BANDS))
+        lines.append(f"sequence-sum |diff|: mean {np.mean(sums):.3g}, max {np.max(sums):.3g}")
+        ok &= bool(d.max() <= tol)
+    if top1:
+        lines.append(f"top-1 agreement {np.mean(top1):.4f}, top-5 overlap {np.mean(top5):.4f}")
+    if proc:
+        lines.append(f"processed log-probs |diff|: max {max(proc):.3g} (inf: a token in one nucleus only)")
+    if losses:
+        lines.append(f"DPO loss |diff| over {len(losses)} pairs: max {max(losses)[0]:.3g} (row {max(losses)[1]})")
+        ok &= max(losses)[0] <= tol
+    worst.sort(reverse=True)
+    if worst:
+        lines.append("worst rows: " + ", ".join(f"{lab} ({m:.3g} at token {i})" for m, lab, i in worst[:5]))
+    return lines, ok
+
+
+def read_dump(path):
+    """A dump's rows; a row without an id, or a sequence without token_ids and logprobs (lists of
+    equal length): an error naming the file, line and field."""
+    rows = []
+    for n, r in read_jsonl(path):
+        if "id" not in r or not row_sequences(r):
+            raise ValueError(f"{path}:{n}: missing field '{'logprobs' if 'id' in r else 'id'}'")
+        for name, x in row_sequences(r):
+            ids, lps = x.get("token_ids"), x.get("logprobs")
+            if not isinstance(ids, list) or not isinstance(lps, list) or len(ids) != len(lps):
+                raise ValueError(f"{path}:{n}: field '{name + '.' if name else ''}logprobs' must be a list "
+                                 "as long as its token_ids")
+        rows.append({**r, "id": str(r["id"])})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def dump(args):
+    """--model/--data: the oracle rows (and with --out, the file)."""
+    model = Llama.from_pretrained(args.model).eval()
+    get_tok = functools.cache(functools.partial(load_tokenizer, args.model))  # only text rows need one
+    items = read_items(args.data, model.config.vocab_size, get_tok, want_pairs_text=args.genrm)
+    if args.diagnose:
+        return diagnose(model, items, args)
+    recs = score(model, items, batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p)
+    if not args.no_float64:
+        add_float64(model, items, recs)
+    rows = build_rows(items, recs)
+    ref = Llama.from_pretrained(args.ref).eval() if args.ref else None
+    add_pair_numbers(rows, score(ref, items, batch_size=args.batch_size) if ref else None, args)
+    if args.genrm:
+        add_genrm(model, get_tok(), items, rows)
+    if args.out:
+        write_jsonl(args.out, rows)
+    worst = [r.get("float64_max_abs_diff") for row in rows for _, r in row_sequences(row)]
+    worst = [w for w in worst if w is not None]
+    print(f"{len(rows)} rows{' -> ' + args.out if args.out else ''}; " + (
+        f"largest float32 - float64 |diff| {max(worst):.3g}" if worst else "no float64 recompute"))
+    return 0
+
+
+def diagnose(model, items, args):
+    """The project's own mismatches, reported as --compare does: float32 batches of many (padded)
+    and bf16 weights, each against float32 one sequence at a time."""
+    base = build_rows(items, score(model, items))
+    many = max(args.batch_size, 8)
+    cases = [(f"float32, batch size {many} (right-padded) vs 1", score(model, items, batch_size=many))]
+    model.to(torch.bfloat16)
+    cases.append(("bfloat16 weights vs float32, batch size 1", score(model, items)))
+    for title, recs in cases:
+        lines, _ = compare(base, build_rows(items, recs), args.tol)
+        print(f"== {title}\n  " + "\n  ".join(lines))
+    return 0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="HF-format Llama-family directory (or smollm2-135m-instruct)")
+    ap.add_argument("--data", help="JSONL: token ids (prompt_ids + completion_ids | chosen_ids + "
+                    "rejected_ids) or text (prompt | messages, + completion | chosen + rejected)")
+    ap.add_argument("--out", help="write the rows here (JSONL)")
+    ap.add_argument("--ref", help="reference model for the DPO quantities of pairs")
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO eps (losses.dpo_loss)")
+    ap.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid")
+    ap.add_argument("--genrm", action="store_true", help="p(A > B) of Eq. 7 in both orders (text pairs)")
+    ap.add_argument("--temperature", type=float, help="add processed log-probs at this temperature")
+    ap.add_argument("--top-p", type=float, help="add processed log-probs with this nucleus")
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences per forward (1: no padding)")
+    ap.add_argument("--no-float64", action="store_true", help="skip the float64 recompute (2x weight memory)")
+    ap.add_argument("--compare", nargs=2, metavar=("OURS", "THEIRS"))
+    ap.add_argument("--tol", type=float, default=1e-3, help="largest per-token / DPO-loss |diff| that passes")
+    ap.add_argument("--diagnose", action="store_true", help="bf16 vs float32 and batch 1 vs many, on --data")
+    args = ap.parse_args(argv)
+    if args.batch_size < 1 or (args.temperature is not None and args.temperature <= 0) \
+            or (args.top_p is not None and not 0 < args.top_p <= 1):
+        ap.error("--batch-size >= 1, --temperature > 0 and --top-p in (0, 1] please")
+    try:
+        if args.compare:
+            lines, ok = compare(read_dump(args.compare[0]), read_dump(args.compare[1]), args.tol)
+            print("\n".join(lines + ["PASS" if ok else "FAIL"]))
+            return 0 if ok else 1
+        if not args.model or not args.data:
+            ap.error("--model and --data are needed (or --compare OURS THEIRS)")
+        return dump(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
