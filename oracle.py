@@ -293,8 +293,9 @@ def compare(ours, theirs, tol):
     if proc:
         lines.append(f"processed log-probs |diff|: max {max(proc):.3g} (inf: a token in one nucleus only)")
     if losses:
-        lines.append(f"DPO loss |diff| over {len(losses)} pairs: max {max(losses)[0]:.3g} (row {max(losses)[1]})")
-        ok &= max(losses)[0] <= tol
+        m, rid = max(losses)
+        lines.append(f"DPO loss |diff| over {len(losses)} pairs: max {m:.3g} (row {rid})")
+        ok &= m <= tol
     worst.sort(reverse=True)
     if worst:
         lines.append("worst rows: " + ", ".join(f"{lab} ({m:.3g} at token {i})" for m, lab, i in worst[:5]))
