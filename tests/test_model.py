@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import engine as E
 import gguf as G
 import model as M
 from conftest import golden, tiny_config, tiny_model
@@ -143,12 +144,11 @@ def test_kv_cache_prefill_and_decode_equal_full_forward():
     ids = torch.randint(0, 300, (2, 14), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = m(ids)
-        m.setup_cache(2, 32)
+        e = E.Engine(m, 2, 32)
         pos = torch.arange(8)[None].expand(2, 8)
-        parts = [m(ids[:, :8], pos=pos)]
+        parts = [e.head_logits(e.hidden(ids[:, :8], pos=pos))]
         for t in range(8, 14):
-            parts.append(m(ids[:, t:t + 1], pos=torch.full((2, 1), t)))
-        m.clear_cache()
+            parts.append(e.head_logits(e.hidden(ids[:, t:t + 1], pos=torch.full((2, 1), t))))
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
 
 
@@ -173,12 +173,12 @@ def test_cascade_attention_equals_plain_softmax_attention(dtype, tol, grouped):
             k[rows, :, L:G], v[rows, :, L:G] = k[rows[:1], :, L:G], v[rows[:1], :, L:G]
         plen = torch.tensor([9, 10, 10, 9, 10])
         hide |= (torch.arange(S) >= plen[:, None]) & (torch.arange(S) < G)
-        layout = M.DecodeLayout(plen, G, members=torch.tensor([[0, 3, 0], [1, 2, 4]]),
+        layout = E.DecodeLayout(plen, G, members=torch.tensor([[0, 3, 0], [1, 2, 4]]),
                                 group=torch.tensor([0, 1, 1, 0, 1]), member=torch.tensor([0, 0, 1, 1, 2]))
     mask = torch.zeros(B, 1, 1, S).masked_fill(hide[:, None, None], float("-inf"))
     w = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(hd) + mask, -1)
     want = w @ v                                                     # [B, nkv, grp, hd]
-    got = M._cascade(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), L, layout)
+    got = E.cascade_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), L, layout)
     assert got.dtype == dtype and got.shape == want.shape
     assert (got.double() - want).abs().max() < tol
 

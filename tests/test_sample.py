@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from model import Llama
+from engine import Engine
 import sample
 from sample import decode_one, generate, pick_next, prefill, top_p_filter
 
@@ -100,12 +100,12 @@ def test_stop_ids_end_and_are_reported():
 def test_n_samples_share_one_prefill(monkeypatch):
     m = tiny_model(seed=7)
     calls = []
-    orig = Llama.hidden
+    orig = Engine.hidden
 
     def spy(self, idx, **kw):
         calls.append(idx.shape)
         return orig(self, idx, **kw)
-    monkeypatch.setattr(Llama, "hidden", spy)
+    monkeypatch.setattr(Engine, "hidden", spy)
     generate(m, prompts(), n=5, max_new_tokens=4, progress=False)
     prefills = [s for s in calls if s[1] > 1]
     assert len(prefills) == 1 and prefills[0][0] == 4       # one prefill of the 4 prompts
@@ -145,12 +145,12 @@ def test_pick_next_equals_full_sort_sampling():
 
 def _spy_hidden(monkeypatch):
     calls = []
-    orig = Llama.hidden
+    orig = Engine.hidden
 
     def spy(self, idx, **kw):
         calls.append(tuple(idx.shape))
         return orig(self, idx, **kw)
-    monkeypatch.setattr(Llama, "hidden", spy)
+    monkeypatch.setattr(Engine, "hidden", spy)
     return calls
 
 
@@ -181,8 +181,8 @@ def test_samples_of_one_prompt_read_it_once_same_outputs(monkeypatch):
     kw = dict(n=4, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=5, progress=False)
     kw["stop_ids"] = [c.tokens[3] for c in generate(m, [p], **kw)[0]][:2]  # ends some rows early
     used = []
-    orig = sample.Llama.share_prefix
-    monkeypatch.setattr(sample.Llama, "share_prefix", lambda self, n: used.append(n) or orig(self, n))
+    orig = sample.Engine.share_prefix
+    monkeypatch.setattr(sample.Engine, "share_prefix", lambda self, n: used.append(n) or orig(self, n))
     shared = generate(m, [p], **kw)[0]
     assert used == [len(p) - 1]                                      # all but its last token
     monkeypatch.setattr(sample, "_MIN_SHARED_PREFIX", 10 ** 9)
@@ -304,17 +304,16 @@ def test_static_decode_step_with_a_shared_prefix_equals_plain_attention():
     out = []
     with torch.no_grad():
         for static, shared in ((False, 0), (True, len(prompt))):
-            m.setup_cache(2, 32)
-            logits = prefill(m, [prompt], torch.zeros(1, dtype=torch.long), 0).repeat(2, 1)
-            m.copy_cache_rows(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), len(prompt))
-            m.share_prefix(shared)
+            e = Engine(m, 2, 32)
+            logits = prefill(e, [prompt], torch.zeros(1, dtype=torch.long), 0).repeat(2, 1)
+            e.copy_cache_rows(torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), len(prompt))
+            e.share_prefix(shared)
             tok, pos, steps = torch.tensor([3, 4]), torch.full((2,), len(prompt)), []
             for _ in range(4):
-                logits = decode_one(m, tok, pos, static=static)
+                logits = decode_one(e, tok, pos, static=static)
                 steps.append(logits)
                 tok, pos = logits.argmax(-1), pos + 1
             out.append(torch.stack(steps))
-            m.clear_cache()
     assert torch.allclose(out[0], out[1], atol=1e-5, rtol=0)
 
 
@@ -326,15 +325,14 @@ def test_static_decode_step_equals_dynamic():
     out = []
     with torch.no_grad():
         for static in (False, True):
-            m.setup_cache(2, 16)
-            logits = prefill(m, prompts, torch.arange(2), 0)
+            e = Engine(m, 2, 16)
+            logits = prefill(e, prompts, torch.arange(2), 0)
             tok, pos = logits.argmax(-1), torch.tensor([len(p) for p in prompts])
             steps = []
             for _ in range(4):
-                logits = decode_one(m, tok, pos, static=static)
+                logits = decode_one(e, tok, pos, static=static)
                 steps.append(logits)
                 tok, pos = logits.argmax(-1), pos + 1
-            out.append((torch.stack(steps), m.model.layers[1].self_attn.cache.k[:, :, :10].clone()))
-            m.clear_cache()
+            out.append((torch.stack(steps), e.layers[1].cache.k[:, :, :10].clone()))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
     assert torch.allclose(out[0][1], out[1][1], atol=1e-6)
