@@ -40,8 +40,8 @@ from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
 from eval import HelpFormatter
 from files import DEFAULT_MODEL, resolve_model
 from genrm import judge_messages
-from kernels import fused_dpo_loss, fused_logprob_sum, fused_logprobs, pair_logps
-from losses import dpo_loss, make_step_dpo
+from kernels import fused_logprob_sum, fused_logprobs, pair_logps
+from losses import dpo_loss, fused_dpo_loss, make_step_dpo
 from model import Llama
 from sample import generate
 

@@ -39,9 +39,14 @@ def read_json(path) -> dict:
         raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
+def write_text(path, text: str):
+    """Write a text file, atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_json(path, obj):
     """Write obj as indented JSON, atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def read_jsonl(path):

@@ -8,13 +8,14 @@ import os
 import random
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import dist
-from files import atomic_write, read_jsonl, write_jsonl
+from files import read_jsonl, require, write_jsonl, write_text
 from model import Llama
 
 
@@ -44,13 +45,13 @@ def micro_batches(n, cfg: TrainConfig):
     return mbs
 
 
-def lr_lambda(total, warmup_steps):
-    def f(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        prog = (step - warmup_steps) / max(1, total - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
-    return f
+def warmup_cosine(step, total, warmup_steps):
+    """The learning-rate factor of optimizer step `step` (0-based) of `total`: linear warmup to 1
+    over warmup_steps, then a cosine to 0 at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    prog = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
 
 
 def save_checkpoint(out_dir, model, opt, sched, step):
@@ -66,7 +67,7 @@ def save_checkpoint(out_dir, model, opt, sched, step):
                    tmp / "state.pt")
         shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
-        atomic_write(Path(out_dir) / "latest", lambda f: Path(f).write_text(d.name))
+        write_text(Path(out_dir) / "latest", d.name)
         for old in sorted(Path(out_dir).glob("ckpt-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -89,10 +90,9 @@ def _loadable_checkpoint(out_dir, log):
     for ck in cands:
         try:
             state = torch.load(ck / "state.pt", weights_only=False)
-            if not {"opt", "sched", "step", "rng"} <= set(state):
-                raise ValueError(f"{ck / 'state.pt'}: missing {sorted({'opt', 'sched', 'step', 'rng'} - set(state))}")
+            require(state, ("opt", "sched", "step", "rng"), str(ck / "state.pt"))
             return ck, state, Llama.from_pretrained(ck, dtype=torch.float32)
-        except Exception as e:  # a torn checkpoint fails in torch.load, safetensors or JSON: try the previous one
+        except Exception as e:  # a torn checkpoint fails in torch.load, safetensors or JSON: try the previous
             log(f"skipped {ck}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     if cands:
         log(f"no checkpoint in {out_dir} loads: starting at step 0")
@@ -122,19 +122,21 @@ def save_model(model, path, tok=None):
 
 
 def accumulate_gradients(model, group, step_fn, pad_id, autocast=None):
-    """Backward over the micro-batches of one optimizer step. Every example carries its loss count
-    `n` (loss tokens, or 1 per pair), and each micro-batch's loss sum is divided by the whole
-    step's count: the step's loss is a mean over all its tokens/pairs, whatever batch_size,
-    grad_accum and the number of ranks are. Under torchrun each rank takes every world-th example
-    of each micro-batch; FSDP averages gradients over ranks, so the loss is scaled by the world
-    size to keep the global mean. Returns (loss, accuracy or None)."""
-    denom = float(sum(e.n for b in group for e in b))
+    """Backward over the micro-batches `group` of one optimizer step: the one place where an
+    objective becomes a mean. Every example carries its loss count `n` (loss tokens, or 1 per
+    pair or verdict), every step_fn returns its micro-batch's loss *sum*, and each sum is divided
+    by the whole step's count: the step's loss is the mean over all its tokens / pairs, whatever
+    batch_size, grad_accum and the number of ranks are. Under torchrun each rank takes every
+    world-th example of each micro-batch; FSDP averages gradients over ranks, so the loss is
+    scaled by the world size to keep the global mean. Returns (loss, accuracy or None)."""
+    denom = float(sum(e.n for b in group for e in b))                        # the step's tokens or pairs
     W = dist.world()
     tot_loss, tot_c, has_acc = 0.0, 0.0, False
     for batch in group:
+        # This rank's share of the micro-batch through the objective: a loss sum, a count correct.
         with autocast or torch.autocast("cpu", enabled=False):
             s, c = step_fn(model, batch[dist.rank()::W], pad_id)
-        (s * (W / denom)).backward()
+        (s * (W / denom)).backward()                                          # the sum's share of the mean
         tot_loss += float(s.detach())
         if c is not None:
             tot_c, has_acc = tot_c + float(c), True
@@ -154,7 +156,9 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
     total = math.ceil(len(mbs) / cfg.grad_accum)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, round(cfg.warmup * total))))
+    warmup_steps = max(1, round(cfg.warmup * total))
+    schedule = partial(warmup_cosine, total=total, warmup_steps=warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     start = 0
     latest = out_dir / "latest"
     metrics_f = out_dir / "metrics.jsonl"
@@ -172,14 +176,16 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
         log(f"resumed from {ck} at step {start}/{total}")
     autocast = torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     end = total if cfg.max_steps is None else min(total, cfg.max_steps)
-    bar = tqdm(range(start, end), desc="train", disable=not cfg.progress or dist.rank() > 0, initial=start, total=total)
+    quiet = not cfg.progress or dist.rank() > 0
+    bar = tqdm(range(start, end), desc="train", disable=quiet, initial=start, total=total)
     model.train()
     for step in bar:
+        # Gradients of the step's mean loss over its grad_accum micro-batches, then one clipped update.
         group = [[examples[i] for i in b] for b in mbs[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
         loss, acc = accumulate_gradients(model, group, step_fn, pad_id, autocast)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss} at step {step}; last good checkpoint: "
-                                     f"{(out_dir / latest.read_text().strip()) if latest.exists() else 'none'}")
+            good = out_dir / latest.read_text().strip() if latest.exists() else "none"
+            raise FloatingPointError(f"non-finite loss {loss} at step {step}; last good checkpoint: {good}")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # DTensor under FSDP
         opt.step()

@@ -3,7 +3,9 @@ tokens x vocab logits, and the batch-level functions every objective is built on
 
   fused_logprobs       per-token log-probs [N], logits recomputed in backward (reference passes)
   fused_logprob_sum    a weighted sum (scalar), gradients computed in forward (SFT, Eq. 7, Eq. 8)
-  fused_dpo_loss       DPO / cDPO / IPO loss (scalar) by chunks of whole pairs, gradients in forward
+  fused_pair_loss      a loss of pairs of completion log-probs (scalar) by chunks of whole pairs,
+                       gradients in forward from the loss's closed-form derivative (DPO, cDPO, IPO:
+                       losses.fused_dpo_loss with losses.dpo_loss_and_grad)
   completion_logprob_sum  model + padded batch -> sum over the loss tokens
   pair_logps, pair_rewards  chosen/rejected examples -> DPO log-probs, Bradley-Terry rewards, from
                        one packed [prompt | chosen | rejected] pass (each prompt computed once)
@@ -15,7 +17,6 @@ tensor-core GEMMs with float32 outputs (`_gemm_operands`). (A Triton forward ker
 logsumexp over vocab blocks, was removed: on an H100 these cuBLAS chunks ran 1.7x faster.)
 """
 import torch
-import torch.nn.functional as F
 
 from data import packed_pair_batch
 
@@ -187,7 +188,8 @@ def fused_logprob_sum(hidden, weight, targets, weights=None, *, temperature=1.0,
     if weights is None:
         weights = torch.ones(hidden.shape[0], device=hidden.device)
     hidden, weight = _gemm_operands(hidden, weight)
-    return FusedLogprobSum.apply(hidden, weight, targets, weights, float(temperature), _chunk_rows(weight, chunk))
+    chunk = _chunk_rows(weight, chunk)
+    return FusedLogprobSum.apply(hidden, weight, targets, weights, float(temperature), chunk)
 
 
 def fused_logprobs(hidden, weight, targets, *, temperature=1.0, chunk=None, return_entropy=False):
@@ -197,12 +199,13 @@ def fused_logprobs(hidden, weight, targets, *, temperature=1.0, chunk=None, retu
     (IGNORE_INDEX -> 0, no gradient). Differentiable in hidden and weight. With return_entropy,
     also the per-token entropy of the (tempered) distribution, not differentiable."""
     hidden, weight = _gemm_operands(hidden, weight)
-    out, ent = FusedLogprobs.apply(hidden, weight, targets, float(temperature), _chunk_rows(weight, chunk), return_entropy)
+    chunk = _chunk_rows(weight, chunk)
+    out, ent = FusedLogprobs.apply(hidden, weight, targets, float(temperature), chunk, return_entropy)
     return (out, ent) if return_entropy else out
 
 
 # ----------------------------------------------------------------------------------------------
-# DPO with gradients in forward: chunks of whole pairs, so each chunk's loss is final
+# pair losses (DPO) with gradients in forward: chunks of whole pairs, so each chunk's loss is final
 
 def _pair_chunks(pair_rows, chunk):
     """Chunks of whole pairs, about `chunk` rows each: [(first row, end row, first pair, end pair)].
@@ -226,66 +229,56 @@ def _row_blocks(d):
     return [slice(r, r + rows) for r in range(0, len(d), rows)]
 
 
-def _dpo_closed_form(z, beta, eps, loss_type):
-    """Per-pair DPO loss of the margin z = (pi_w - ref_w) - (pi_l - ref_l) and dloss/dz.
-      sigmoid (cDPO for eps > 0): L = -(1-eps) log s(beta z) - eps log s(-beta z),
-                                  dL/dz = beta * (eps * s(beta z) - (1-eps) * s(-beta z))
-      ipo:                        L = (z - 1/(2 beta))^2,  dL/dz = 2 (z - 1/(2 beta))"""
-    if loss_type == "ipo":
-        return (z - 1 / (2 * beta)) ** 2, 2 * (z - 1 / (2 * beta))
-    bz = beta * z
-    loss = -(1 - eps) * F.logsigmoid(bz) - eps * F.logsigmoid(-bz)
-    return loss, beta * (eps * torch.sigmoid(bz) - (1 - eps) * torch.sigmoid(-bz))
-
-
-class FusedDPOLoss(torch.autograd.Function):
-    """Mean DPO loss over P pairs (Eq. 9 for STaR-DPO; cDPO, IPO) from hidden states, with the
-    gradients computed in forward (Liger's chunked preference losses). Chunks hold whole pairs, so
-    each chunk's per-pair losses are final: their derivative wrt each completion's log-prob is
-    known in closed form, hence every row's weight w_n, and the chunk's logits are turned in place
-    into dlogits = w * (onehot - softmax) / T. 3 matmuls per chunk (as the naive way), no recompute;
-    backward only scales the saved dh, dW by the scalar upstream gradient, in place (so a second
-    backward through one forward with an upstream gradient != 1 raises). Memory: one chunk of
-    float32 logits, plus dh [N, H] and dW [V, H] in float32 held from forward to backward."""
+class FusedPairLoss(torch.autograd.Function):
+    """A loss over P pairs of completions that depends on each completion's log-prob only, from
+    hidden states, with the gradients computed in forward (Liger's chunked preference losses):
+    DPO, cDPO, IPO (losses.fused_dpo_loss). Chunks hold whole pairs, so each chunk's per-pair losses
+    are final: `pair_loss` gives them and their derivative wrt each completion's log-prob in closed
+    form (losses.dpo_loss_and_grad), hence every row's weight w_n, and the chunk's logits are
+    turned in place into dlogits = w * (onehot - softmax) / T. 3 matmuls per chunk (as the naive
+    way), no recompute; backward only scales the saved dh, dW by the scalar upstream gradient, in
+    place (so a second backward through one forward with an upstream gradient != 1 raises).
+    Memory: one chunk of float32 logits, plus dh [N, H] and dW [V, H] in float32 held from forward
+    to backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, seq, ref_chosen, ref_rejected, beta, eps, loss_type,
-                temperature, chunk):
-        P, acc, lo = len(ref_chosen), _acc_dtype(hidden), _lowp(hidden, weight)
+    def forward(ctx, hidden, weight, targets, seq, P, pair_loss, average, norm, temperature, chunk):
+        acc, lo = _acc_dtype(hidden), _lowp(hidden, weight)
         w = weight if lo else weight.to(acc)
         keep = (targets != IGNORE_INDEX).to(acc)                                   # [N]
         rows = torch.bincount(seq, minlength=2 * P)                                # [2P] rows per completion
         if (rows == 0).any():
             p = int((rows == 0).nonzero()[0]) // 2
-            raise ValueError(f"fused_dpo_loss: pair {p} lacks rows for its chosen or its rejected completion")
+            raise ValueError(f"fused pair loss: pair {p} lacks rows for its chosen or its rejected "
+                             "completion")
         ntok = torch.zeros(2 * P, dtype=acc, device=hidden.device).index_add_(0, seq, keep)  # loss tokens
-        if loss_type == "ipo" and (ntok == 0).any():
+        if average and (ntok == 0).any():
             c = int((ntok == 0).nonzero()[0])
-            raise ValueError(f"fused_dpo_loss: ipo averages over loss tokens; completion {c} has none")
-        ref = torch.stack([ref_chosen, ref_rejected], 1).to(acc)                   # [P, 2]
-        pol = torch.zeros(2 * P, dtype=acc, device=hidden.device)                  # policy log-probs per completion
+            raise ValueError(f"fused pair loss: averaging over loss tokens; completion {c} has none")
+        pol = torch.zeros(2 * P, dtype=acc, device=hidden.device)                  # [2P] policy log-probs
         dh = torch.zeros_like(hidden, dtype=acc)
         dw = torch.zeros_like(w, dtype=acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
         chunks = _pair_chunks(rows.view(P, 2).sum(1).tolist(), chunk)
         buf = torch.empty(max(e - s for s, e, _, _ in chunks), w.shape[0], dtype=acc, device=hidden.device)
         for s, e, p0, p1 in chunks:
+            # The chunk's logits, their logsumexp, and each completion's log-prob (sum or average).
             t, h = targets[s:e], (hidden[s:e] if lo else hidden[s:e].to(acc))
-            loc = seq[s:e] - 2 * p0                                                # completion within the chunk
+            loc = seq[s:e] - 2 * p0                                                # [c] completion index
             d = _chunk_logits(h, w, temperature, buf)                              # [c, V]
             blocks = _row_blocks(d)
             lse = torch.cat([torch.logsumexp(d[b], -1) for b in blocks])          # [c]
             lp = (d.gather(1, t.clamp(min=0)[:, None]).squeeze(1) - lse) * keep[s:e]  # [c] token log-probs
-            n = ntok[2 * p0:2 * p1] if loss_type == "ipo" else 1.0                 # ipo: per-token averages
+            n = ntok[2 * p0:2 * p1] if average else 1.0                            # averages, or sums
             pc = torch.zeros(2 * (p1 - p0), dtype=acc, device=hidden.device).index_add_(0, loc, lp) / n
             pol[2 * p0:2 * p1] = pc
-            m = pc.view(-1, 2) - ref[p0:p1]                                        # [p1 - p0, 2] pi - ref
-            z = m[:, 0] - m[:, 1]                                                  # the margin h of dpo_loss
-            loss, dz = _dpo_closed_form(z, beta, eps, loss_type)                   # [p1 - p0] each
-            total += loss.sum() / P
-            g = torch.stack([dz, -dz], 1).view(-1) / (n * P)                       # dloss/dlogp per completion
+            # The pairs' losses and their derivatives wrt each completion's log-prob, in closed form.
+            loss, dpol = pair_loss(slice(p0, p1), pc.view(-1, 2))                  # [p1 - p0], [p1 - p0, 2]
+            total += loss.sum() / norm
+            g = dpol.reshape(-1) / (n * norm)                                      # [2 (p1 - p0)] dloss/dlogp
             gt = (g[loc] * keep[s:e] / temperature)[:, None]                       # [c, 1] row weights / T
-            for b in blocks:                                                       # d is now dlogits
+            # d becomes dlogits in place; then dh = dlogits @ W and dW += dlogits.T @ h.
+            for b in blocks:
                 _softmax_grad_(d[b], lse[b], t[b], gt[b])
             dh[s:e] = _mm(d, w, acc)
             _add_grad_w_(dw, d, h)
@@ -298,42 +291,50 @@ class FusedDPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _g_chosen, _g_rejected):
         if ctx.grads is None:
-            raise RuntimeError("fused_dpo_loss: second backward through one forward (saved gradients were scaled in place)")
+            raise RuntimeError("fused pair loss: second backward through one forward "
+                               "(saved gradients were scaled in place)")
         dh, dw = ctx.grads
         if g != 1:  # scaled in place: a scaled copy would hold a second V x H float32 dW at peak
             dh.mul_(g)
             dw.mul_(g)
             ctx.grads = None
-        return dh.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), *[None] * 9
+        return dh.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), *[None] * 8
 
 
-def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, beta, label_smoothing=0.0,
-                   loss_type="sigmoid", temperature=1.0, chunk=None):
-    """Mean over P pairs of losses.dpo_loss (sigmoid, cDPO via label_smoothing, IPO; Eq. 9 for
-    STaR-DPO), straight from the hidden states, gradients computed in forward (FusedDPOLoss).
+def fused_pair_loss(hidden, weight, targets, seq, num_pairs, pair_loss, *, average=False, reduction="mean",
+                    temperature=1.0, chunk=None):
+    """A pair loss of completion log-probs straight from the hidden states (FusedPairLoss).
 
-    hidden [N, H]: the positions that predict completion tokens, targets [N] those tokens
-    (IGNORE_INDEX rows count 0), seq [N] long: 2i on pair i's chosen rows, 2i + 1 on its rejected
-    rows; each pair's rows are contiguous and pairs come in order (seq non-decreasing), as a packed
-    [prompt | chosen | rejected] batch flattens. ref_chosen, ref_rejected [P]: the reference's
-    sequence log-probs (sums; per-token averages for ipo). Policy log-probs are sums of
-    log softmax(h @ W.T / T)[target] per completion (ipo: averages over its non-ignored rows).
-    Chunks hold whole pairs, about `chunk` rows of logits (default 2**27 // V rows, ~512 MiB); a
-    pair longer than that makes one larger chunk. Returns (loss, policy_chosen [P],
-    policy_rejected [P]), the log-probs detached, in float32 (float64 for float64 inputs)."""
-    if loss_type not in ("sigmoid", "ipo"):
-        raise ValueError(f"unknown DPO loss kind {loss_type!r} (sigmoid or ipo)")
-    P = len(ref_chosen)
-    if P == 0:
-        raise ValueError("fused_dpo_loss: no pairs (ref_chosen is empty)")
-    if not (seq.shape == targets.shape == hidden.shape[:1] and ref_rejected.shape == (P,)):
-        raise ValueError(f"fused_dpo_loss: shapes hidden {tuple(hidden.shape)}, targets {tuple(targets.shape)}, "
-                         f"seq {tuple(seq.shape)}, ref {tuple(ref_chosen.shape)}/{tuple(ref_rejected.shape)} disagree")
+    Args:
+        hidden: [N, H] the positions that predict completion tokens; weight [V, H] the lm_head.
+        targets: [N] those tokens (IGNORE_INDEX rows count 0).
+        seq: [N] long, 2i on pair i's chosen rows and 2i + 1 on its rejected rows; each pair's rows
+            contiguous and pairs in order (seq non-decreasing), as a packed [prompt | chosen |
+            rejected] batch flattens.
+        pair_loss: (pairs: a slice of the P pairs, log-probs [p, 2] (chosen, rejected)) ->
+            (losses [p], their derivatives wrt the log-probs [p, 2]).
+        average: completion log-probs are averages over their non-ignored rows, else sums of
+            log softmax(h @ W.T / T)[target].
+        reduction: "mean" over the pairs or "sum".
+        chunk: rows of logits per chunk, whole pairs (default 2**27 // V rows, ~512 MiB); a pair
+            longer than that makes one larger chunk.
+    Returns:
+        (loss, policy_chosen [P], policy_rejected [P]), the log-probs detached, in float32
+        (float64 for float64 inputs).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"fused pair loss: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if not seq.shape == targets.shape == hidden.shape[:1]:
+        raise ValueError(f"fused pair loss: shapes hidden {tuple(hidden.shape)}, targets "
+                         f"{tuple(targets.shape)}, seq {tuple(seq.shape)} disagree")
+    P = num_pairs
     if len(seq) and (bool((seq[1:] < seq[:-1]).any()) or int(seq[0]) < 0 or int(seq[-1]) >= 2 * P):
-        raise ValueError(f"fused_dpo_loss: seq must be non-decreasing in [0, {2 * P}) (2i: pair i's chosen, 2i + 1: rejected)")
+        raise ValueError(f"fused pair loss: seq must be non-decreasing in [0, {2 * P}) "
+                         "(2i: pair i's chosen, 2i + 1: rejected)")
     hidden, weight = _gemm_operands(hidden, weight)
-    return FusedDPOLoss.apply(hidden, weight, targets, seq, ref_chosen, ref_rejected, float(beta),
-                              float(label_smoothing), loss_type, float(temperature), _chunk_rows(weight, chunk))
+    norm = P if reduction == "mean" else 1                                       # the loss is a sum / norm
+    return FusedPairLoss.apply(hidden, weight, targets, seq, P, pair_loss, average, norm, float(temperature),
+                               _chunk_rows(weight, chunk))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,7 +357,8 @@ def packed_pair_hidden(model, batch, pad_id):
     """Pairs (examples with `prompt`, `completion` = chosen, `rejected`) through the model packed as
     [prompt | chosen | rejected], each prompt computed once (data.PackedPairs): final hidden states
     flattened [B * T, H], and the PackedPairs that index them."""
-    pk = packed_pair_batch([(e.prompt, e.completion, e.rejected) for e in batch], pad_id, model.lm_head.weight.device)
+    triples = [(e.prompt, e.completion, e.rejected) for e in batch]
+    pk = packed_pair_batch(triples, pad_id, model.lm_head.weight.device)
     h = model.hidden(pk.idx, pos=pk.pos, attn_mask=pk.mask)                      # [B, T, H]
     return h.flatten(0, 1), pk
 

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from kernels import (IGNORE_INDEX, FusedLogprobs, FusedLogprobSum, _pair_chunks, fused_dpo_loss, fused_logprob_sum,
-                     fused_logprobs)
-from losses import dpo_loss
+from kernels import IGNORE_INDEX, FusedLogprobs, FusedLogprobSum, _pair_chunks, fused_logprob_sum, fused_logprobs
+from losses import dpo_loss, fused_dpo_loss
 
 
 def naive(h, w, t, temperature=1.0):
