@@ -10,6 +10,7 @@ answers are counted skips, reported by the caller.
 import random
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,7 +52,7 @@ class Tokenizer:
 
     def save(self, directory):
         """Copy tokenizer.json next to a saved model, so the directory is a complete model."""
-        atomic_write(Path(directory) / "tokenizer.json", lambda f: shutil.copyfile(self.source, f))
+        atomic_write(Path(directory) / "tokenizer.json", partial(shutil.copyfile, self.source))
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

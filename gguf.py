@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -67,54 +68,64 @@ GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34)}
 
 
+class _Reader:
+    """Little-endian GGUF fields read one after another from a file's bytes; reading past the end
+    is an error naming the file."""
+
+    def __init__(self, path: Path):
+        self.path, self.buf, self.off = path, memoryview(path.read_bytes()), 0
+
+    def take(self, n):
+        if self.off + n > len(self.buf):
+            raise ValueError(f"{self.path}: truncated GGUF (needed {n} bytes at offset {self.off}, "
+                             f"size {len(self.buf)})")
+        b = self.buf[self.off:self.off + n]
+        self.off += n
+        return b
+
+    def scalar(self, fmt):
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self):
+        return bytes(self.take(self.scalar("<Q"))).decode("utf-8", errors="replace")
+
+    def value(self, t):
+        """A metadata value of GGUF type t: a scalar, a string (8) or an array (9)."""
+        if t in GGUF_SCALARS:
+            return self.scalar(GGUF_SCALARS[t])
+        if t == 8:
+            return self.string()
+        if t == 9:
+            et, n = self.scalar("<I"), self.scalar("<Q")
+            return [self.value(et) for _ in range(n)]
+        raise ValueError(f"{self.path}: unknown GGUF metadata type {t} at offset {self.off}")
+
+
 def read_gguf(path):
     """Parse a GGUF file: (metadata dict, {name: float32 tensor in torch [out, in] order}).
     Supports F32, F16, Q4_1 and Q8_0 tensors; anything else, or a truncated file, is an error."""
     path = Path(path)
-    buf = memoryview(path.read_bytes())
-    off = 0
-
-    def take(n):
-        nonlocal off
-        if off + n > len(buf):
-            raise ValueError(f"{path}: truncated GGUF (needed {n} bytes at offset {off}, size {len(buf)})")
-        b = buf[off:off + n]
-        off += n
-        return b
-
-    def scalar(fmt):
-        return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
-
-    def string():
-        return bytes(take(scalar("<Q"))).decode("utf-8", errors="replace")
-
-    def value(t):
-        if t in GGUF_SCALARS:
-            return scalar(GGUF_SCALARS[t])
-        if t == 8:
-            return string()
-        if t == 9:
-            et, n = scalar("<I"), scalar("<Q")
-            return [value(et) for _ in range(n)]
-        raise ValueError(f"{path}: unknown GGUF metadata type {t} at offset {off}")
-
-    if bytes(take(4)) != b"GGUF":
+    r = _Reader(path)
+    buf = r.buf
+    # The header: magic, version, then the metadata key-value pairs and the tensor infos.
+    if bytes(r.take(4)) != b"GGUF":
         raise ValueError(f"{path}: not a GGUF file (bad magic)")
-    version = scalar("<I")
+    version = r.scalar("<I")
     if version not in (2, 3):
         raise ValueError(f"{path}: unsupported GGUF version {version}")
-    n_tensors, n_kv = scalar("<Q"), scalar("<Q")
+    n_tensors, n_kv = r.scalar("<Q"), r.scalar("<Q")
     meta = {}
     for _ in range(n_kv):
-        k = string()
-        meta[k] = value(scalar("<I"))
+        k = r.string()
+        meta[k] = r.value(r.scalar("<I"))
     infos = []
     for _ in range(n_tensors):
-        name = string()
-        dims = [scalar("<Q") for _ in range(scalar("<I"))]
-        infos.append((name, dims, scalar("<I"), scalar("<Q")))
+        name = r.string()
+        dims = [r.scalar("<Q") for _ in range(r.scalar("<I"))]
+        infos.append((name, dims, r.scalar("<I"), r.scalar("<Q")))
+    # The tensor data: aligned after the header, each tensor at its offset, dequantized.
     align = meta.get("general.alignment", 32)
-    base = (off + align - 1) // align * align
+    base = (r.off + align - 1) // align * align
     tensors = {}
     for name, dims, t, toff in infos:
         if t not in GGML_TYPES:
@@ -152,6 +163,20 @@ def _dequantize(kind, raw, n):
     raise ValueError(kind)
 
 
+def _llama_field(meta, path, key):
+    """Metadata field llama.{key}; missing: an error naming the file."""
+    if f"llama.{key}" not in meta:
+        raise ValueError(f"{path}: missing GGUF metadata field 'llama.{key}'")
+    return meta[f"llama.{key}"]
+
+
+def _unpermute(w, n_heads, head_dim):
+    """q or k weight [n_heads * head_dim, H] from GGUF's row order (interleaved pairs, for
+    llama.cpp's RoPE) to HF's (rotate-half halves)."""
+    H = w.shape[1]
+    return w.reshape(n_heads, head_dim // 2, 2, H).transpose(1, 2).reshape(n_heads * head_dim, H)
+
+
 def convert_gguf(gguf_path, out_dir):
     """GGUF (llama architecture) -> HF-format directory with config.json, model.safetensors and a
     tokenizer.json built from the GGUF's BPE vocab and merges."""
@@ -159,10 +184,7 @@ def convert_gguf(gguf_path, out_dir):
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{gguf_path}: architecture {arch!r} is not 'llama'")
-    def g(k):
-        if f"llama.{k}" not in meta:
-            raise ValueError(f"{gguf_path}: missing GGUF metadata field 'llama.{k}'")
-        return meta[f"llama.{k}"]
+    g = partial(_llama_field, meta, gguf_path)  # g(key): metadata field llama.{key}
     nh, nkv, H = g("attention.head_count"), g("attention.head_count_kv"), g("embedding_length")
     tokens = meta["tokenizer.ggml.tokens"]
     head_dim = H // nh
@@ -179,9 +201,6 @@ def convert_gguf(gguf_path, out_dir):
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id")}
 
-    def unpermute(w, n):  # GGUF stores q/k rows interleaved for llama.cpp's RoPE; HF uses halves
-        return w.reshape(n, head_dim // 2, 2, H).transpose(1, 2).reshape(n * head_dim, H)
-
     sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"]}
     if not tie:
         sd["lm_head.weight"] = t["output.weight"]
@@ -192,9 +211,9 @@ def convert_gguf(gguf_path, out_dir):
         for gk, hk in hf.items():
             w = t[f"blk.{i}.{gk}.weight"]
             if gk == "attn_q":
-                w = unpermute(w, nh)
+                w = _unpermute(w, nh, head_dim)
             elif gk == "attn_k":
-                w = unpermute(w, nkv)
+                w = _unpermute(w, nkv, head_dim)
             sd[f"model.layers.{i}.{hk}.weight"] = w.contiguous()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
