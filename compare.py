@@ -26,6 +26,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import compare_world
 import stats
 from files import atomic_write, read_jsonl, write_jsonl
 from scores import KS, SECTIONS, fmt_acc, grouped_scores, reasoning_half, section_weights
@@ -271,13 +272,18 @@ def parser() -> argparse.ArgumentParser:
                     help="write assets/compare (the subsets at the sizes given, and PROVENANCE.md) from --data-dir "
                          "(default ../shared/data), then stop")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="base model for every method")
-    ap.add_argument("--train", type=int, default=384, help="training pairs (the same for every method)")
-    ap.add_argument("--id", type=int, default=256, help="held-out in-distribution pairs")
+    ap.add_argument("--world", choices=("small",), default=None,
+                    help="the comparison in the small world (world.py, compare_world.py) instead of on real data")
+    ap.add_argument("--train", type=int, default=384,
+                    help="training pairs, the same for every method (small world: 3000 unless given)")
+    ap.add_argument("--id", type=int, default=256, help="held-out in-distribution pairs (small world: 400 unless given)")
+    ap.add_argument("--ood", type=int, default=400, help="small world: out-of-distribution (4-digit) pairs")
     ap.add_argument("--rb-per-section", type=int, default=48,
                     help="RewardBench-like pairs per section (reasoning: half math, half code)")
     ap.add_argument("--hh", type=int, default=128, help="HH harmless pairs")
     ap.add_argument("--cot-samples", type=int, default=8,
-                    help="samples per judgement for every CoT judge, base and trained (maj@1 and maj@N)")
+                    help="samples per judgement for every CoT judge, base and trained (maj@1 and maj@N; small world: "
+                         "16 unless given)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="rationale cap, sampling and judging")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="STaR rationales per training pair")
     ap.add_argument("--iterations", type=int, default=3, help="STaR iterations (disjoint splits of the training pairs)")
@@ -299,6 +305,18 @@ def sources(a) -> dict:
 def main(argv=None):
     ap = parser()
     a = ap.parse_args(argv)
+    world = a.world is not None
+    given = {x.split("=")[0] for x in (sys.argv[1:] if argv is None else argv)}
+    for flag, size in (("train", 3000), ("id", 400), ("cot_samples", 16)):  # the small world's own defaults
+        if world and "--" + flag.replace("_", "-") not in given:
+            setattr(a, flag, size)
+    for flag in ("train", "id", "ood", "cot_samples"):
+        if getattr(a, flag) < 1:
+            ap.error(f"argument --{flag.replace('_', '-')}: must be >= 1, got {getattr(a, flag)}")
+    if world:
+        if a.out == Path("runs/compare"):
+            a.out = Path("runs/compare_world")
+        return compare_world.main(a)
     if a.rb_per_section < 2 or a.rb_per_section % 2:  # reasoning is half math, half code: 1 would drop it
         ap.error(f"argument --rb-per-section: must be an even number >= 2, got {a.rb_per_section}")
     if a.build_assets:

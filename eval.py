@@ -101,7 +101,7 @@ def fitting_pairs(model, tok, pairs, judge, max_new_tokens, skips: LoadStats) ->
     return keep
 
 
-def judge_report(model, tok, pairs, *, title, samples, max_new_tokens, seed, progress=True):
+def judge_report(model, tok, pairs, *, title, samples, max_new_tokens, seed, prompt_batch=16, progress=True):
     """The CoT judge's held-out accuracy (both orders, forced verdicts counted), printed beside
     the length baseline: train.py's before/after lines. Returns the summary."""
     counts = LoadStats(read=len(pairs))
@@ -110,7 +110,7 @@ def judge_report(model, tok, pairs, *, title, samples, max_new_tokens, seed, pro
         print(f"[{title}] held-out pairs: {counts}")
     if not pairs:
         raise ValueError(f"no held-out pair fits the model's {model.config.max_position_embeddings} positions")
-    recs = judge_pairs(model, tok, pairs, "cot", samples=samples, both_orders=True, batch_size=16,
+    recs = judge_pairs(model, tok, pairs, "cot", samples=samples, both_orders=True, batch_size=prompt_batch,
                        max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     s = summarize(pairs, recs)
     al = s["per_category"]["all"]

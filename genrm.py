@@ -246,7 +246,7 @@ def split_pairs(pairs, k, seed):
 
 
 def sample_rationales(model, tok, pairs, *, n, max_new_tokens, seed, temperature=1.0, top_p=0.95,
-                      force="sample", both_orders=False, verdict_temperature=1.0, progress=True):
+                      force="sample", both_orders=False, verdict_temperature=1.0, prompt_batch=4, progress=True):
     """STaR sampling on one split: a seeded random A/B order per pair (with both_orders, each pair
     in its seeded order and then the other one, so right and wrong rationales also come from the
     position the model is biased against), n rationales per (pair, order) from the CoT judge
@@ -257,7 +257,7 @@ def sample_rationales(model, tok, pairs, *, n, max_new_tokens, seed, temperature
         pairs, orders = [p for p in pairs for _ in (0, 1)], [x for o in orders for x in (o, not o)]
     res = cot_judge_sharded(model, tok, pairs, orders, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, seed=seed, force=force, progress=progress,
-                            verdict_temperature=verdict_temperature)
+                            verdict_temperature=verdict_temperature, prompt_batch=prompt_batch)
     rows = []
     for p, o, r in zip(pairs, orders, res):
         msgs = judge_messages(p, o, "cot")
@@ -304,6 +304,30 @@ def star_dpo_pairs(samples, *, pairs_per_prompt=1, seed=0):
         rng.shuffle(bad)
         for w, l in list(zip(good, bad))[:pairs_per_prompt]:
             out.append({"id": pid, "messages": w["messages"], "chosen": training_text(w), "rejected": training_text(l)})
+    return out
+
+
+def random_filter(samples, k, seed):
+    """The control that must not learn: k samples kept at random, whatever their verdict (as many
+    as the label filter kept), so that a gain can be credited to the label, not to the amount of
+    self-generated text trained on. Returns SFT rows, in sample order."""
+    keep = sorted(random.Random(seed).sample(range(len(samples)), min(k, len(samples))))
+    return [{"id": samples[i]["id"], "messages": samples[i]["messages"], "completion": training_text(samples[i])}
+            for i in keep]
+
+
+def random_dpo_pairs(samples, k, seed):
+    """The STaR-DPO control: k pairs of two different rationales of the same prompt, which one is
+    "chosen" decided by a coin instead of the label (as many pairs as star_dpo_pairs made)."""
+    groups = {}
+    for r in samples:
+        groups.setdefault((r["id"], r["messages"][-1]["content"]), []).append(r)
+    rng, out = random.Random(seed), []
+    keys = [key for key, rows in groups.items() if len(rows) >= 2]
+    rng.shuffle(keys)
+    for key in keys[:k]:
+        w, l = rng.sample(groups[key], 2)
+        out.append({"id": w["id"], "messages": w["messages"], "chosen": training_text(w), "rejected": training_text(l)})
     return out
 
 

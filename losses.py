@@ -93,16 +93,23 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta, 
     h = dpo_margin(policy_chosen.float(), policy_rejected.float(), ref_chosen.float(), ref_rejected.float())
     return dpo_loss_and_grad(h, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)[0]
 
-def _dpo_pair_loss(ref, beta, label_smoothing, loss_type, pairs, policy):
-    """fused_pair_loss's pair_loss for DPO: the pairs' losses and d loss / d policy [p, 2]."""
+def _dpo_pair_loss(ref, beta, label_smoothing, loss_type, nll_weight, chosen_len, pairs, policy):
+    """fused_pair_loss's pair_loss for DPO: the pairs' losses and d loss / d policy [p, 2]. With
+    nll_weight alpha (RPO, Pang et al. 2024), each pair also pays alpha times its chosen answer's
+    per-token NLL: loss = dpo - alpha * pi_w / |y_w| (IPO's pi_w is already a per-token mean)."""
     r = ref[pairs].to(policy.dtype)                                              # [p, 2] (chosen, rejected)
     h = dpo_margin(policy[:, 0], policy[:, 1], r[:, 0], r[:, 1])                 # [p]
     loss, dh = dpo_loss_and_grad(h, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
-    return loss, torch.stack([dh, -dh], 1)                                       # dh/dpi_w = 1, dh/dpi_l = -1
+    grad = torch.stack([dh, -dh], 1)                                             # dh/dpi_w = 1, dh/dpi_l = -1
+    if nll_weight:
+        per_token = nll_weight / chosen_len[pairs].to(policy.dtype)              # [p] d(alpha NLL_w)/d(-pi_w)
+        loss = loss - per_token * policy[:, 0]
+        grad[:, 0] -= per_token
+    return loss, grad
 
 
 def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, beta, label_smoothing=0.0,
-                   loss_type="sigmoid", reduction="mean", temperature=1.0, chunk=None):
+                   loss_type="sigmoid", reduction="mean", temperature=1.0, chunk=None, nll_weight=0.0):
     """The mean (reduction="sum": the sum) over P pairs of dpo_loss (sigmoid, cDPO via
     label_smoothing, IPO; Eq. 9 for STaR-DPO) straight from the hidden states, never holding the
     logits, gradients computed in forward from dpo_loss_and_grad (kernels.fused_pair_loss).
@@ -112,6 +119,7 @@ def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, be
             kernels.fused_pair_loss (2i on pair i's chosen rows, 2i + 1 on its rejected rows).
         ref_chosen, ref_rejected: [P] the reference's sequence log-probs (sums; per-token averages
             for ipo, whose policy log-probs are averages too).
+        nll_weight: alpha of RPO's NLL term on the chosen answers (0: plain DPO).
     Returns:
         (loss, policy_chosen [P], policy_rejected [P]), the log-probs detached.
     """
@@ -122,7 +130,10 @@ def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, be
         raise ValueError(f"fused_dpo_loss: ref shapes {tuple(ref_chosen.shape)}/{tuple(ref_rejected.shape)} "
                          "disagree")
     ref = torch.stack([ref_chosen, ref_rejected], 1)                             # [P, 2]
-    pair_loss = partial(_dpo_pair_loss, ref, float(beta), float(label_smoothing), loss_type)
+    chosen_len = torch.ones(P, device=hidden.device) if loss_type == "ipo" else \
+        torch.bincount(seq, minlength=2 * P)[0::2].to(hidden.device)            # [P] tokens of each chosen answer
+    pair_loss = partial(_dpo_pair_loss, ref, float(beta), float(label_smoothing), loss_type, float(nll_weight),
+                        chosen_len)
     return fused_pair_loss(hidden, weight, targets, seq, P, pair_loss, average=loss_type == "ipo",
                            reduction=reduction, temperature=temperature, chunk=chunk)
 
@@ -154,7 +165,7 @@ def step_genrm(model, batch, pad_id):
     return -fused_logprob_sum(last, model.lm_head.weight, tgt), correct
 
 
-def step_dpo(model, batch, pad_id, *, beta, label_smoothing, loss_type):
+def step_dpo(model, batch, pad_id, *, beta, label_smoothing, loss_type, nll_weight=0.0):
     """A DPO step (Eq. 9 for STaR-DPO; losses.dpo_loss's kinds) against the cached reference
     log-probs: one packed [prompt | chosen | rejected] pass (each prompt computed once) into
     kernels.fused_dpo_loss, which never holds the logits. Returns the sum of the pairs' losses and
@@ -164,13 +175,14 @@ def step_dpo(model, batch, pad_id, *, beta, label_smoothing, loss_type):
     rc = torch.tensor([e.ref[key][0] for e in batch], device=h.device)           # [B] reference, chosen
     rr = torch.tensor([e.ref[key][1] for e in batch], device=h.device)           # [B] reference, rejected
     loss, pc, pr = fused_dpo_loss(h[pk.src], model.lm_head.weight, pk.tgt, pk.seq, rc, rr, beta=beta,
-                                  label_smoothing=label_smoothing, loss_type=loss_type, reduction="sum")
+                                  label_smoothing=label_smoothing, loss_type=loss_type, reduction="sum",
+                                  nll_weight=nll_weight)
     return loss, (dpo_margin(pc, pr, rc, rr) > 0).sum()
 
 
-def make_step_dpo(beta, label_smoothing, loss_type):
+def make_step_dpo(beta, label_smoothing, loss_type, nll_weight=0.0):
     """step_dpo with its DPO settings bound: a step function for fit."""
-    return partial(step_dpo, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
+    return partial(step_dpo, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, nll_weight=nll_weight)
 
 
 def step_bt(model, batch, pad_id):

@@ -14,8 +14,9 @@ preference set in assets/data) and prints the judge's held-out accuracy before a
 import argparse
 import json
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 import dist
 import genrm
 import stats
+import world
 from data import LoadStats, load_completions, load_pairs, load_tokenizer, pair_examples, sft_examples
 from eval import HelpFormatter, judge_report, number
 from files import read_json, read_jsonl, write_json, write_jsonl
@@ -36,6 +38,16 @@ DEFAULT_TRAIN = HERE / "assets" / "data" / "train_small.jsonl"
 DEFAULT_HELDOUT = HERE / "assets" / "data" / "heldout_small.jsonl"
 METHODS = ("sft", "bt_rm", "genrm", "rationalizer", "dpo", "star_sft", "star_dpo")
 LR = {"sft": 1e-5, "bt_rm": 1e-5, "genrm": 1e-5, "rationalizer": 1e-5, "dpo": 5e-6, "star_sft": 1e-5, "star_dpo": 5e-6}
+
+# The small world (world.py) is what a run is given when it names neither --model nor --data: its
+# base judge, pretrained from scratch here (world_base), and its train / held-out splits. These
+# defaults replace the real-data ones there: a 0.8M-parameter judge trained from scratch takes a
+# learning rate a hundred times larger than a pretrained 135M model, and float32 costs it nothing.
+WORLD_DEFAULTS = dict(dtype="float32", batch_size=16, max_len=256, max_new_tokens=96, samples_per_prompt=4,
+                      sample_batch=64, iterations=3, epochs=2, warmup=0.1, save_every=50)
+WORLD_LR = {"sft": 5e-4, "bt_rm": 1e-3, "genrm": 1e-3, "rationalizer": 5e-4, "dpo": 1e-4, "star_sft": 5e-4,
+            "star_dpo": 1e-4}
+WORLD_PAIRS = {"train": 3000, "id": 400}  # training pairs (1,000 per STaR iteration), held-out pairs
 
 
 @dataclass
@@ -65,16 +77,19 @@ class RunConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"
+    dpo_nll: float = 0.0             # RPO: alpha times the chosen answer's per-token NLL added to each pair's loss
     # STaR
     iterations: int = 3
     samples_per_prompt: int = 4
     pairs_per_prompt: int = 1
     max_new_tokens: int = 64
     rationalize: bool = False
+    star_filter: str = "label"       # "random": the control, as many rationales kept whatever their verdict
     ref_from_previous: bool = False
     star_both_orders: bool = False   # sample each pair in both A/B orders (pairs that hit the position bias)
     verdict_temperature: float = 1.0  # forced verdicts during STaR sampling drawn at this temperature
     eval_samples: int = 1
+    sample_batch: int = 4            # prompts sampled together (their n rationales each share the batch)
     # runtime
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,13 +98,19 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each block in backward: activation memory / layers
     no_progress: bool = False
     keep_checkpoints: bool = False   # a finished stage keeps its ckpt-* (model + optimizer state) too
+    world: bool = False              # the small world: set when neither --model nor --data is given
 
     @property
     def progress(self) -> bool:
         return not self.no_progress and dist.rank() == 0
 
+    @property
+    def learning_rate(self) -> float:
+        """--lr, or the method's default (the small world's when the run is in it)."""
+        return self.lr if self.lr is not None else (WORLD_LR if self.world else LR)[self.method]
+
     def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.lr if self.lr is not None else LR[self.method], epochs=self.epochs,
+        return TrainConfig(lr=self.learning_rate, epochs=self.epochs,
                            batch_size=self.batch_size, grad_accum=self.grad_accum, warmup=self.warmup,
                            weight_decay=self.weight_decay, clip=self.clip, seed=self.seed,
                            save_every=self.save_every, max_steps=self.max_steps, progress=self.progress,
@@ -125,7 +146,8 @@ def train_on(cfg: RunConfig, model_path, rows, out_dir, tok, objective, ref_path
     elif objective == "bt_rm":
         ex, step = pair_examples(tok, rows, cfg.max_len, st), step_bt
     else:  # dpo, star_dpo
-        ex, step = pair_examples(tok, rows, cfg.max_len, st), make_step_dpo(cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        ex = pair_examples(tok, rows, cfg.max_len, st)
+        step = make_step_dpo(cfg.beta, cfg.label_smoothing, cfg.loss_type, cfg.dpo_nll)
     if dist.rank() == 0:
         print(f"{objective}: {st}")
     if not ex:
@@ -145,53 +167,76 @@ def train_on(cfg: RunConfig, model_path, rows, out_dir, tok, objective, ref_path
     return hist
 
 
-def _artefact(path, schema, compute, *, skip=False):
-    """A STaR stage's JSONL artefact: computed once (every rank), written by rank 0, read by all;
-    an existing file is reused, so a killed run resumes at the stage it stopped. `skip`: the
-    iteration is already trained, so a missing artefact is not recomputed (read as empty)."""
-    if skip and not Path(path).exists():
-        return []
-    return dist.once(path, compute, write_jsonl, lambda p: genrm.load_rows(p, genrm.SCHEMAS[schema]))
+def read_rows(path, schema) -> list:
+    """A STaR stage's JSONL artefact (genrm.SCHEMAS[schema]), or [] where it was never written
+    (a stage whose model is already trained no longer needs it)."""
+    return genrm.load_rows(path, genrm.SCHEMAS[schema]) if Path(path).exists() else []
+
+
+def save_rows(path, rows):
+    """Write an artefact once (rank 0, atomically) and wait for it, so every rank goes on together.
+    Every rank computed the same rows (sampling is sharded, then gathered)."""
+    if dist.rank() == 0:
+        write_jsonl(path, rows)
+    dist.barrier()
 
 
 def star(cfg: RunConfig, pairs, tok, run_dir, log=print):
-    """STaR-SFT / STaR-DPO (paper Sec. 2.2, Sec. 4 and A.3): the training pairs are cut into
-    `iterations` disjoint splits; on split i the latest model
-      1. samples `samples_per_prompt` CoT rationales per pair (Fig. 6 prompt, seeded A/B order; a
-         missing verdict is forced by sampling the indicator token)          -> samples_{i}.jsonl
-      2. STaR-SFT keeps the rationales whose verdict is right (Eq. 4), plus Fig. 7 rationales for
-         the pairs it got wrong (Eq. 8) with --rationalize                   -> sft_{i}.jsonl
-         STaR-DPO pairs a right with a wrong rationale of the same prompt (Eq. 9) -> dpo_{i}.jsonl
-      3. is trained on them (DPO against the base model, or the previous one) -> iter_{i}/model/
+    """STaR-SFT / STaR-DPO (paper Sec. 2.2, Sec. 4 and A.3). The training pairs are cut into
+    `iterations` disjoint splits, and iteration i samples, filters and trains on split i with the
+    latest model. Each stage writes its JSONL artefact before the next starts, so a killed run
+    resumes at the stage it stopped and rationales from another sampler can be dropped in.
     Returns the final model path and the per-iteration counts."""
     run_dir = Path(run_dir)
     latest, reports = str(cfg.model), []
     for i, split in enumerate(genrm.split_pairs(pairs, cfg.iterations, cfg.seed)):
         it_dir = run_dir / f"iter_{i}"
         trained = (it_dir / "model" / "config.json").exists()
-        samples = _artefact(run_dir / f"samples_{i}.jsonl", "samples", lambda: genrm.sample_rationales(
-            load_sampler(cfg, latest), tok, split, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed * 1000 + i, both_orders=cfg.star_both_orders, verdict_temperature=cfg.verdict_temperature,
-            progress=cfg.progress), skip=trained)
-        if cfg.method == "star_sft":
-            def keep_correct():
-                rows = genrm.star_sft_examples(samples)
-                wrong, orders = genrm.failed_pairs(samples, split)
-                if cfg.rationalize and wrong:  # the model explains the right answer (Fig. 7)
-                    rows += genrm.rationalize(load_sampler(cfg, latest), tok, wrong, orders,
-                                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + i,
-                                              progress=cfg.progress)
-                return rows
-            rows = _artefact(run_dir / f"sft_{i}.jsonl", "sft", keep_correct, skip=trained)
+        samples_file = run_dir / f"samples_{i}.jsonl"
+        kept_file = run_dir / (f"sft_{i}.jsonl" if cfg.method == "star_sft" else f"dpo_{i}.jsonl")
+
+        # 1. The latest model judges every pair of the split with the CoT prompt (Fig. 6), writing
+        # samples_per_prompt rationales each at temperature 1; a rationale that ends without a
+        # verdict gets one drawn from the indicator tokens' probabilities.
+        if samples_file.exists() or trained:
+            samples = read_rows(samples_file, "samples")
         else:
-            rows = _artefact(run_dir / f"dpo_{i}.jsonl", "dpo", lambda: genrm.star_dpo_pairs(
-                samples, pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed + i), skip=trained)
-        rep = genrm.star_report(samples, kept=len(rows) if cfg.method == "star_sft" else None,
-                                paired=len(rows) if cfg.method == "star_dpo" else None)
-        reports.append({**rep, "iteration": i})
-        log(f"STaR iteration {i}: " + ", ".join(f"{k} {v}" for k, v in rep.items() if v is not None))
-        if not trained and rows:
-            train_on(cfg, latest, rows, it_dir, tok, cfg.method,
+            samples = genrm.sample_rationales(
+                load_sampler(cfg, latest), tok, split, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
+                seed=cfg.seed * 1000 + i, both_orders=cfg.star_both_orders, verdict_temperature=cfg.verdict_temperature,
+                prompt_batch=cfg.sample_batch, progress=cfg.progress)
+            save_rows(samples_file, samples)
+
+        # 2. The label filters them. STaR-SFT keeps the rationales whose verdict is right (Eq. 4)
+        # and, with --rationalize, adds the model's explanations of the right answer for the pairs
+        # it got wrong (Fig. 7, Eq. 8). STaR-DPO pairs a right with a wrong rationale of the same
+        # prompt (Eq. 9). The random-filter control keeps as many, ignoring the label.
+        if kept_file.exists() or trained:
+            kept = read_rows(kept_file, "sft" if cfg.method == "star_sft" else "dpo")
+        elif cfg.method == "star_sft":
+            kept = genrm.star_sft_examples(samples)
+            if cfg.star_filter == "random":
+                kept = genrm.random_filter(samples, len(kept), seed=cfg.seed + i)
+            wrong, orders = genrm.failed_pairs(samples, split)
+            if cfg.rationalize and wrong:
+                kept += genrm.rationalize(load_sampler(cfg, latest), tok, wrong, orders,
+                                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + i,
+                                          progress=cfg.progress)
+            save_rows(kept_file, kept)
+        else:
+            kept = genrm.star_dpo_pairs(samples, pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed + i)
+            if cfg.star_filter == "random":
+                kept = genrm.random_dpo_pairs(samples, len(kept), seed=cfg.seed + i)
+            save_rows(kept_file, kept)
+        counts = genrm.star_report(samples, kept=len(kept) if cfg.method == "star_sft" else None,
+                                   paired=len(kept) if cfg.method == "star_dpo" else None)
+        reports.append({**counts, "iteration": i})
+        log(f"STaR iteration {i}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v is not None))
+
+        # 3. The latest model is trained on what was kept (DPO against the base model, or with
+        # --ref-from-previous against the model this iteration started from) and becomes the next.
+        if not trained and kept:
+            train_on(cfg, latest, kept, it_dir, tok, cfg.method,
                      ref_path=latest if cfg.ref_from_previous else str(cfg.model))
         elif not trained:
             log(f"STaR iteration {i}: nothing to train on; the model is carried over unchanged")
@@ -201,13 +246,47 @@ def star(cfg: RunConfig, pairs, tok, run_dir, log=print):
             dist.barrier()
         latest = str(it_dir / "model")
     if dist.rank() == 0:
-        (run_dir / "star_report.json").write_text(json.dumps(reports, indent=2))
+        write_json(run_dir / "star_report.json", reports)
     return latest, reports
+
+
+def world_base(cfg: RunConfig) -> str:
+    """The small world's base judge: the SFT loop (train_on) from a random initialisation on the
+    world's sloppy demonstrations (world.BASE_RECIPE), built once per recipe under $GENRM_CACHE; a
+    killed build resumes from its last checkpoint. Returns the model directory."""
+    recipe, base = world.BASE_RECIPE, world.base_dir()
+    if not (base / "model" / "config.json").exists():
+        print(f"building the small world's base judge in {base} (once per recipe)")
+        if dist.rank() == 0 and not (base / "init" / "config.json").exists():
+            world.write_initial_model(base / "init", recipe["seed"])
+        dist.barrier()
+        pretrain = replace(cfg, method="sft", lr=recipe["lr"], batch_size=recipe["batch_size"], epochs=1, grad_accum=1,
+                           warmup=recipe["warmup"], weight_decay=0.0, clip=1.0, seed=recipe["seed"], dtype="float32",
+                           max_steps=None, activation_checkpointing=False, keep_checkpoints=False)
+        demos = world.demonstrations(recipe["demonstrations"], recipe["seed"], recipe["drop"])
+        train_on(pretrain, base / "init", demos, base, load_tokenizer(base / "init"), "sft")
+    return str(base / "model")
+
+
+def world_inputs(cfg: RunConfig, out: Path) -> RunConfig:
+    """A run in the small world reads its base judge and its splits from these paths (the
+    splits are drawn with --seed and written into the run directory by write_world_splits)."""
+    return replace(cfg, model=str(world.base_dir() / "model"), data=str(out / "world_train.jsonl"),
+                   eval_data=str(out / "world_id.jsonl"))
+
+
+def write_world_splits(cfg: RunConfig):
+    """The small world's training and held-out pairs, drawn with --seed (kept on a resume)."""
+    for path, split in ((cfg.data, "train"), (cfg.eval_data, "id")):
+        if dist.rank() == 0 and not Path(path).exists():
+            write_jsonl(path, world.make_pairs(WORLD_PAIRS[split], cfg.seed, split))
+    dist.barrier()
 
 
 def _held_out_accuracy(cfg, model_path, pairs, tok, title):
     return judge_report(load_sampler(cfg, model_path), tok, pairs, title=title, samples=cfg.eval_samples,
-                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, prompt_batch=max(16, cfg.sample_batch),
+                        progress=cfg.progress)
 
 
 def _paired_change(before, after, log):
@@ -235,13 +314,18 @@ size each) let --resume continue it; they are deleted once the stage has written
 
 
 def parse_args(argv=None) -> RunConfig:
-    D = RunConfig()
+    args = sys.argv[1:] if argv is None else list(argv)
+    in_world = not any(a.split("=")[0] in ("--model", "--data") for a in args)
+    D = RunConfig(**WORLD_DEFAULTS, world=True) if in_world else RunConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                  epilog=_KEEPS)
     ap.add_argument("--method", choices=METHODS, default=D.method, help="objective (see above)")
-    ap.add_argument("--model", default=D.model, help="HF-format directory or 'smollm2-135m-instruct'")
-    ap.add_argument("--data", default=D.data, help="training JSONL (pairs; for sft also {messages|prompt, completion})")
-    ap.add_argument("--eval-data", default=D.eval_data, help="held-out pairs for before/after accuracy")
+    ap.add_argument("--model", default=D.model, help="HF-format directory or 'smollm2-135m-instruct' (the default "
+                    "with --data; with neither, the small world's base judge)")
+    ap.add_argument("--data", default=D.data, help="training JSONL (pairs; for sft also {messages|prompt, completion}); "
+                    "with neither --data nor --model, the small world's training split")
+    ap.add_argument("--eval-data", default=D.eval_data, help="held-out pairs for before/after accuracy (small world: "
+                    "its in-distribution held-out split)")
     ap.add_argument("--limit", type=number(int, 1), default=D.limit, help="seeded subset of the training pairs")
     ap.add_argument("--eval-limit", type=number(int, 1), default=D.eval_limit, help="seeded subset of the held-out pairs")
     ap.add_argument("--no-eval", action="store_true", help="skip the before/after judge evaluation")
@@ -265,6 +349,8 @@ def parse_args(argv=None) -> RunConfig:
     g = ap.add_argument_group("DPO")
     g.add_argument("--beta", type=number(float, above=0), default=D.beta, help="DPO beta (Eq. 9)")
     g.add_argument("--label-smoothing", type=number(float, 0, high=0.5), default=D.label_smoothing, help="cDPO epsilon")
+    g.add_argument("--dpo-nll", type=number(float, 0), default=D.dpo_nll,
+                   help="RPO: add this weight times the chosen answer's per-token NLL to each pair's DPO loss")
     g.add_argument("--loss", dest="loss_type", choices=("sigmoid", "ipo"), default=D.loss_type,
                    help="DPO loss: sigmoid (DPO/cDPO) or ipo")
     g = ap.add_argument_group("STaR")
@@ -276,6 +362,8 @@ def parse_args(argv=None) -> RunConfig:
                    help="STaR-DPO (correct, incorrect) pairs per prompt")
     g.add_argument("--max-new-tokens", type=number(int, 1), default=D.max_new_tokens,
                    help="rationale length cap when sampling")
+    g.add_argument("--star-filter", choices=("label", "random"), default=D.star_filter,
+                   help="STaR: keep rationales by the label (the method), or as many at random (the control)")
     g.add_argument("--rationalize", action="store_true", help="STaR-SFT: add Fig. 7 rationales for pairs the model got wrong")
     g.add_argument("--star-both-orders", action="store_true",
                    help="STaR: sample each pair with the chosen answer as A and as B (default: one seeded order)")
@@ -285,6 +373,8 @@ def parse_args(argv=None) -> RunConfig:
                    help="STaR-DPO reference = previous iteration's model (default: base)")
     g.add_argument("--eval-samples", type=number(int, 1), default=D.eval_samples,
                    help="CoT samples per held-out judgement (maj@N)")
+    g.add_argument("--sample-batch", type=number(int, 1), default=D.sample_batch,
+                   help="prompts sampled together, each with its --samples-per-prompt rows")
     g = ap.add_argument_group("runtime")
     g.add_argument("--seed", type=int, default=D.seed, help="seed for splits, A/B orders, sampling and data order")
     g.add_argument("--device", default=D.device, help="cpu or cuda")
@@ -300,7 +390,7 @@ def parse_args(argv=None) -> RunConfig:
     a = ap.parse_args(argv)
     if a.method == "star_dpo" and a.samples_per_prompt < 2:
         ap.error("argument --samples-per-prompt: star_dpo needs >= 2 (a pair is a right and a wrong rationale)")
-    return RunConfig(**vars(a))
+    return RunConfig(**vars(a), world=in_world)
 
 
 def _resume_conflicts(cfg: RunConfig, old: dict) -> list:
@@ -311,7 +401,7 @@ def _resume_conflicts(cfg: RunConfig, old: dict) -> list:
     for k, v in new.items():
         was = old.get(k, default[k])
         if k == "lr":  # None: the method's default
-            v, was = (x if x is not None else LR[cfg.method] for x in (v, was))
+            v, was = cfg.learning_rate, replace(cfg, lr=was).learning_rate
         if k not in _RESUME_FREE and v != was:
             out.append(f"--{'loss' if k == 'loss_type' else k.replace('_', '-')} {was} -> {v}")
     return out
@@ -364,38 +454,57 @@ def _read_inputs(cfg: RunConfig):
     return tok, rows, heldout
 
 
+def silent(*_):
+    """The log of ranks other than 0."""
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out or f"runs/{cfg.method}")
+    if cfg.world:
+        cfg = world_inputs(cfg, out)
     _check_run_dir(cfg, out)
+    rank, world_size = dist.init()  # torchrun: FSDP2 training, data-parallel sampling and eval
+    if cfg.world:  # build (or reuse) the base judge, then draw the splits into the run directory
+        world_base(cfg)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        write_world_splits(cfg)
     tok, rows, heldout = _read_inputs(cfg)
     pairs = rows
-    rank, world = dist.init()  # torchrun: FSDP2 training, data-parallel sampling and eval
     dist.barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "args.json").exists():  # a resume keeps the record it was checked against
             write_json(out / "args.json", asdict(cfg))
-        print(f"run directory: {out}" + (f"  ({world} ranks)" if world > 1 else ""))
+        print(f"run directory: {out}" + (f"  ({world_size} ranks)" if world_size > 1 else ""))
     dist.barrier()
     t0 = time.time()
     report = {"method": cfg.method, "run_dir": str(out)}
     if heldout is not None:
-        report["before"] = dist.once(out / "eval_before.json",
-                                     lambda: _held_out_accuracy(cfg, cfg.model, heldout, tok, "before"),
-                                     write_json, lambda p: json.loads(p.read_text()))
+        before_file = out / "eval_before.json"  # a resumed run does not judge the base again
+        if not before_file.exists():
+            before = _held_out_accuracy(cfg, cfg.model, heldout, tok, "before")
+            if rank == 0:
+                write_json(before_file, before)
+            dist.barrier()
+        report["before"] = read_json(before_file)
 
-    log = print if rank == 0 else (lambda *_: None)
+    log = print if rank == 0 else silent
     if cfg.method in ("star_sft", "star_dpo"):
         final, report["star"] = star(cfg, pairs, tok, out, log)
     elif cfg.method == "rationalizer":
         # Eq. 8: rationales written by the base model given the correct answer (Fig. 7), then SFT
-        rows = _artefact(out / "rationales.jsonl", "sft", lambda: genrm.rationalize(
-            load_sampler(cfg, cfg.model), tok, pairs, genrm.seeded_orders(pairs, cfg.seed),
-            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress))
+        rationales_file = out / "rationales.jsonl"
+        if rationales_file.exists():
+            rows = read_rows(rationales_file, "sft")
+        else:
+            rows = genrm.rationalize(load_sampler(cfg, cfg.model), tok, pairs, genrm.seeded_orders(pairs, cfg.seed),
+                                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
+            save_rows(rationales_file, rows)
         train_on(cfg, cfg.model, rows, out, tok, "rationalizer")
         final = str(out / "model")
     else:
@@ -405,7 +514,7 @@ def main(argv=None):
     if heldout is not None:
         report["after"] = _held_out_accuracy(cfg, final, heldout, tok, "after")
         report["after_minus_before"] = _paired_change(report["before"], report["after"], log)
-    report.update(final_model=final, seconds=round(time.time() - t0, 1))
+    report.update(base_model=cfg.model, final_model=final, seconds=round(time.time() - t0, 1))
     if rank == 0:
         write_json(out / "report.json", report)
         print(f"final model: {final}\nreport: {out / 'report.json'}\nrun directory: {out}  ({report['seconds']} s)")

@@ -1,0 +1,181 @@
+"""The paper's comparison in the small world (world.py): every method trained from the same base
+judge on the same training pairs, every judge evaluated on the same in-distribution (ID) and
+out-of-distribution (OOD, 4-digit) pairs in both orders, with 95% intervals and paired tests
+against the base judge of its kind, the maj@N curve (N = 1..16), and two controls.
+
+  python3 compare.py --world small                 # about 30 minutes on 2 CPU cores
+  python3 compare.py --world small --train 600 --id 200 --ood 200 --cot-samples 4   # smaller
+
+Controls: STaR-SFT with a random filter (as many rationales kept as the label filter keeps, but
+whatever their verdict: it must not learn) and SFT on the world's true rationales of the same
+training pairs (what a perfect filter could reach: the ceiling). Each step is `train.py` or
+`eval.py` as a subprocess with the small world's recipe written out in full on its command line
+(train.WORLD_DEFAULTS, WORLD_LR), so a step is exactly that command; finished steps are skipped
+when the comparison is run again.
+"""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import genrm
+import stats
+import train
+import world
+from data import Pair
+from files import atomic_write, read_jsonl, write_jsonl
+from scores import KS, fmt_acc
+
+BASE_COT, BASE_GENRM = "LLM-as-a-judge (base, CoT)", "GenRM (base, zero-shot)"
+# (row, train.py --method or None for the base judge, extra train.py flags, eval.py --judge,
+#  the judge it is compared with)
+ROWS = [(BASE_GENRM, None, [], "genrm", None),
+        (BASE_COT, None, [], "cot", None),
+        ("Bradley-Terry RM (Eq. 2)", "bt_rm", [], "bt", BASE_COT),
+        ("GenRM (Eq. 7)", "genrm", [], "genrm", BASE_GENRM),
+        ("STaR-SFT", "star_sft", [], "cot", BASE_COT),
+        ("STaR-DPO", "star_dpo", [], "cot", BASE_COT),
+        ("STaR-Rationalizer (Eq. 8)", "rationalizer", [], "cot", BASE_COT),
+        ("control: STaR-SFT, random filter", "star_sft", ["--star-filter", "random"], "cot", BASE_COT),
+        ("control: SFT on true rationales (ceiling)", "sft", [], "cot", BASE_COT)]
+
+
+def run(cmd):
+    """One step as a subprocess; a failing step stops the comparison (a rerun skips finished steps)."""
+    print("$ " + " ".join(map(str, cmd)), flush=True)
+    subprocess.run([sys.executable, *map(str, cmd)], check=True)
+
+
+def recipe_flags(method) -> list:
+    """The small world's recipe as train.py flags: what `train.py` alone would default to."""
+    d = train.WORLD_DEFAULTS
+    return ["--lr", train.WORLD_LR[method], "--dtype", d["dtype"], "--batch-size", d["batch_size"],
+            "--max-len", d["max_len"], "--max-new-tokens", d["max_new_tokens"], "--samples-per-prompt",
+            d["samples_per_prompt"], "--sample-batch", d["sample_batch"], "--iterations", d["iterations"],
+            "--epochs", d["epochs"], "--warmup", d["warmup"], "--save-every", d["save_every"],
+            *(["--ref-from-previous"] if d.get("ref_from_previous") else [])]
+
+
+def true_rationales(pairs_file, out, seed):
+    """SFT rows for the ceiling: each training pair in a seeded A/B order, judged by the world's
+    careful rationale (no carry forgotten), whose verdict is always the label."""
+    pairs = [Pair(id=r["id"], prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
+             for _, r in read_jsonl(pairs_file)]
+    rows = []
+    for pair, a_is_chosen in zip(pairs, genrm.seeded_orders(pairs, seed)):
+        messages = genrm.judge_messages(pair, a_is_chosen, "cot")
+        rows.append({"id": pair.id, "messages": messages, "completion": world.true_rationale({"messages": messages})})
+    write_jsonl(out, rows)
+
+
+def paired(res, ref, file, key):
+    """res - ref on the same pairs of one eval file (per-pair scores `key`), paired bootstrap."""
+    a, b = res["files"][file]["per_pair"], ref["files"][file]["per_pair"]
+    if a["id"] != b["id"]:
+        raise ValueError(f"judged on different pairs of {file}")
+    ref_key = key if ref["judge"] != "bt" and key in b else "maj@N"
+    return stats.paired_bootstrap([a[key]], [b[ref_key]])
+
+
+def table(results: dict, files: dict, samples: int) -> str:
+    """Markdown: accuracy [95% CI] per row on ID and OOD (maj@1, maj@N, both orders pooled), the
+    paired differences against each row's reference judge, the maj@k curve of every CoT judge,
+    the judges' diagnostics (forced verdicts, position bias) and wall times."""
+    names = {k: Path(f).name for k, f in files.items()}
+    cell = lambda res, split, key: fmt_acc(*_acc(res, names[split], key))  # noqa: E731
+    keys = [("maj@1", "maj@1"), (f"maj@{samples}", "maj@N"), ("pooled", "pooled")]
+    head = [f"{split} {label}" for split in ("ID", "OOD") for label, _ in keys]
+    lines = ["| judge | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for name, res in results.items():
+        lines.append(f"| {name} | " + " | ".join(cell(res, s, k) for s in ("id", "ood") for _, k in keys) + " |")
+    lines += ["", "| judge | compared with | ID maj@1 | ID maj@N | OOD maj@1 | OOD maj@N |", "|---|---|---|---|---|---|"]
+    for name, _, _, _, vs in ROWS:
+        if vs is None or name not in results or vs not in results:
+            continue
+        diffs = []
+        for split in ("id", "ood"):
+            for key in ("maj@1", "maj@N"):
+                d = paired(results[name], results[vs], names[split], key)
+                diffs.append(f"{d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] p={d['p']:.3f}")
+        lines.append(f"| {name} | {vs} | " + " | ".join(diffs) + " |")
+    ks = [k for k in KS if k <= samples]
+    for split in ("id", "ood"):
+        lines += ["", f"maj@N curve, {split.upper()} ({names[split]}):", "",
+                  "| CoT judge | " + " | ".join(f"N = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for name, res in results.items():
+            if res["judge"] != "cot":
+                continue
+            v = res["files"][names[split]]["per_category"]["all"]
+            lines.append(f"| {name} | " + " | ".join(fmt_acc(v["maj@k"][str(k)], v["ci"]["maj@k"][str(k)])
+                                                   for k in ks) + " |")
+    lines += ["", "| judge | eval set | forced verdicts | parse failures | acc chosen as A | acc chosen as B |",
+              "|---|---|---|---|---|---|"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    for name, res in results.items():
+        for split in ("id", "ood"):
+            s = res["files"][names[split]]
+            if "position" in s:
+                p = s["position"]
+                lines.append(f"| {name} | {split.upper()} | {fmt(s.get('forced_rate'))} | "
+                             f"{fmt(s.get('parse_failure_rate'))} | {fmt(p['acc_chosen_as_A'])} | "
+                             f"{fmt(p['acc_chosen_as_B'])} |")
+    lines += ["", "| judge | training | evaluation |", "|---|---|---|"]
+    mins = lambda x: "-" if x is None else f"{x / 60:.1f} min"  # noqa: E731
+    lines += [f"| {name} | {mins(res['train_s'])} | {mins(res['eval_s'])} |" for name, res in results.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _acc(res, file, key):
+    v = res["files"][file]["per_category"]["all"]
+    return v.get(key), v["ci"].get(key)
+
+
+def main(a):
+    """compare.py --world small: a is compare.py's parsed arguments (--out, --train, --id, --ood,
+    --cot-samples, --seed, --no-progress)."""
+    t0 = time.time()
+    out = a.out
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    files = {"train": out / "data" / "train.jsonl", "id": out / "data" / "id.jsonl", "ood": out / "data" / "ood.jsonl"}
+    sizes = {"train": a.train, "id": a.id, "ood": a.ood}
+    for split, path in files.items():
+        if not path.exists():
+            write_jsonl(path, world.make_pairs(sizes[split], a.seed, split))
+        have = sum(1 for _ in read_jsonl(path))
+        if have != sizes[split]:
+            raise SystemExit(f"{path}: holds {have} pairs, {sizes[split]} asked: this --out was started with other "
+                             "sizes (give those, or a new --out)")
+    true_file = out / "data" / "true_rationales.jsonl"
+    if not true_file.exists():
+        true_rationales(files["train"], true_file, a.seed)
+    base = train.world_base(train.parse_args([]))
+    quiet = ["--no-progress"] if a.no_progress else []
+    max_new = train.WORLD_DEFAULTS["max_new_tokens"]
+    results = {}
+    for name, method, extra, judge, _ in ROWS:
+        model, train_s = base, None
+        if method:
+            tdir = out / "train" / (method + "".join("_" + x.lstrip("-") for x in extra))
+            if not (tdir / "report.json").exists():
+                data = true_file if method == "sft" else files["train"]
+                run(["train.py", "--method", method, "--model", base, "--data", data, "--no-eval", "--out", tdir,
+                     "--seed", a.seed, *recipe_flags(method), *extra, *quiet, *(["--resume"] if tdir.exists() else [])])
+            rep = json.loads((tdir / "report.json").read_text())
+            model, train_s = rep["final_model"], rep["seconds"]
+        samples = a.cot_samples if judge == "cot" else 1
+        edir = out / "eval" / (tdir.name if method else f"base-{judge}")
+        if not (edir / "results.json").exists():
+            run(["eval.py", "--model", model, "--judge", judge, "--data", files["id"], files["ood"], "--both-orders",
+                 "--samples", samples, "--max-new-tokens", max_new, "--batch-size", 64, "--seed", a.seed + 1,
+                 "--dtype", "float32", "--out", edir, *quiet])
+        ev = json.loads((edir / "results.json").read_text())
+        results[name] = {"judge": judge, "samples": samples, "train_s": train_s, "eval_s": ev["seconds"],
+                         "files": ev["results"]}
+    md = table(results, {k: files[k] for k in ("id", "ood")}, a.cot_samples)
+    summary = {"args": {k: str(v) for k, v in vars(a).items()}, "sizes": sizes, "base_model": base,
+               "seconds_this_invocation": round(time.time() - t0, 1), "results": results}
+    atomic_write(out / "comparison.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+    atomic_write(out / "comparison.md", lambda p: Path(p).write_text(md))
+    print(md + f"\nwritten: {out}/comparison.md, comparison.json ({summary['seconds_this_invocation']} s this "
+          "invocation)")
