@@ -348,7 +348,8 @@ def _completion_rows(model, idx, valid, loss_mask):
 
 
 def completion_logprob_sum(model, idx, valid, loss_mask):
-    """Sum of log pi over the loss tokens of the batch (a scalar), via fused_logprob_sum."""
+    """Sum of log pi over the loss tokens of the batch (a scalar), via fused_logprob_sum.
+    idx, valid, loss_mask: [B, T] (data.prompt_completion_batch)."""
     h, tgt, _ = _completion_rows(model, idx, valid, loss_mask)
     return fused_logprob_sum(h, model.lm_head.weight, tgt)
 
