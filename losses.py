@@ -130,10 +130,12 @@ def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, be
         raise ValueError(f"fused_dpo_loss: ref shapes {tuple(ref_chosen.shape)}/{tuple(ref_rejected.shape)} "
                          "disagree")
     ref = torch.stack([ref_chosen, ref_rejected], 1)                             # [P, 2]
-    chosen_len = torch.ones(P, device=hidden.device) if loss_type == "ipo" else \
-        torch.bincount(seq, minlength=2 * P)[0::2].to(hidden.device)            # [P] tokens of each chosen answer
-    pair_loss = partial(_dpo_pair_loss, ref, float(beta), float(label_smoothing), loss_type, float(nll_weight),
-                        chosen_len)
+    if loss_type == "ipo":
+        chosen_len = torch.ones(P, device=hidden.device)                         # pi_w is a mean already
+    else:
+        chosen_len = torch.bincount(seq, minlength=2 * P)[0::2].to(hidden.device)  # [P] tokens of each chosen
+    pair_loss = partial(_dpo_pair_loss, ref, float(beta), float(label_smoothing), loss_type,
+                        float(nll_weight), chosen_len)
     return fused_pair_loss(hidden, weight, targets, seq, P, pair_loss, average=loss_type == "ipo",
                            reduction=reduction, temperature=temperature, chunk=chunk)
 
@@ -182,7 +184,8 @@ def step_dpo(model, batch, pad_id, *, beta, label_smoothing, loss_type, nll_weig
 
 def make_step_dpo(beta, label_smoothing, loss_type, nll_weight=0.0):
     """step_dpo with its DPO settings bound: a step function for fit."""
-    return partial(step_dpo, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, nll_weight=nll_weight)
+    return partial(step_dpo, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type,
+                   nll_weight=nll_weight)
 
 
 def step_bt(model, batch, pad_id):
