@@ -277,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--train", type=int, default=384,
                     help="training pairs, the same for every method (small world: 3000 unless given)")
     ap.add_argument("--id", type=int, default=256, help="held-out in-distribution pairs (small world: 400 unless given)")
-    ap.add_argument("--ood", type=int, default=400, help="small world: out-of-distribution (4-digit) pairs")
+    ap.add_argument("--ood", type=int, default=400, help="small world: pairs of each out-of-distribution level (4 digits; new error kinds)")
     ap.add_argument("--rb-per-section", type=int, default=48,
                     help="RewardBench-like pairs per section (reasoning: half math, half code)")
     ap.add_argument("--hh", type=int, default=128, help="HH harmless pairs")

@@ -27,6 +27,7 @@ from data import Pair
 from files import atomic_write, read_jsonl, write_jsonl
 from scores import KS, fmt_acc
 
+EVAL_SPLITS = ("id", "ood", "ood_errors")  # world.py's held-out levels: 1-3 digits, 4 digits, new error kinds
 BASE_COT, BASE_GENRM = "LLM-as-a-judge (base, CoT)", "GenRM (base, zero-shot)"
 # (row, train.py --method or None for the base judge, extra train.py flags, eval.py --judge,
 #  the judge it is compared with)
@@ -52,7 +53,8 @@ def recipe_flags(method) -> list:
     d = train.WORLD_DEFAULTS
     return ["--lr", train.WORLD_LR[method], "--dtype", d["dtype"], "--batch-size", d["batch_size"],
             "--max-len", d["max_len"], "--max-new-tokens", d["max_new_tokens"], "--samples-per-prompt",
-            d["samples_per_prompt"], "--sample-batch", d["sample_batch"], "--iterations", d["iterations"],
+            d["samples_per_prompt"], "--pairs-per-prompt", d["pairs_per_prompt"], "--dpo-nll", d["dpo_nll"],
+            "--sample-batch", d["sample_batch"], "--iterations", d["iterations"],
             "--epochs", d["epochs"], "--warmup", d["warmup"], "--save-every", d["save_every"],
             *(["--ref-from-previous"] if d.get("ref_from_previous") else [])]
 
@@ -85,22 +87,23 @@ def table(results: dict, files: dict, samples: int) -> str:
     names = {k: Path(f).name for k, f in files.items()}
     cell = lambda res, split, key: fmt_acc(*_acc(res, names[split], key))  # noqa: E731
     keys = [("maj@1", "maj@1"), (f"maj@{samples}", "maj@N"), ("pooled", "pooled")]
-    head = [f"{split} {label}" for split in ("ID", "OOD") for label, _ in keys]
+    head = [f"{split} {label}" for split in EVAL_SPLITS for label, _ in keys]
     lines = ["| judge | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for name, res in results.items():
-        lines.append(f"| {name} | " + " | ".join(cell(res, s, k) for s in ("id", "ood") for _, k in keys) + " |")
-    lines += ["", "| judge | compared with | ID maj@1 | ID maj@N | OOD maj@1 | OOD maj@N |", "|---|---|---|---|---|---|"]
+        lines.append(f"| {name} | " + " | ".join(cell(res, s, k) for s in EVAL_SPLITS for _, k in keys) + " |")
+    cols = [f"{split} {key}" for split in EVAL_SPLITS for key in ("maj@1", "maj@N")]
+    lines += ["", "| judge | compared with | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, _, _, _, vs in ROWS:
         if vs is None or name not in results or vs not in results:
             continue
         diffs = []
-        for split in ("id", "ood"):
+        for split in EVAL_SPLITS:
             for key in ("maj@1", "maj@N"):
                 d = paired(results[name], results[vs], names[split], key)
                 diffs.append(f"{d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] p={d['p']:.3f}")
         lines.append(f"| {name} | {vs} | " + " | ".join(diffs) + " |")
     ks = [k for k in KS if k <= samples]
-    for split in ("id", "ood"):
+    for split in EVAL_SPLITS:
         lines += ["", f"maj@N curve, {split.upper()} ({names[split]}):", "",
                   "| CoT judge | " + " | ".join(f"N = {k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
         for name, res in results.items():
@@ -113,7 +116,7 @@ def table(results: dict, files: dict, samples: int) -> str:
               "|---|---|---|---|---|---|"]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for name, res in results.items():
-        for split in ("id", "ood"):
+        for split in EVAL_SPLITS:
             s = res["files"][names[split]]
             if "position" in s:
                 p = s["position"]
@@ -137,8 +140,8 @@ def main(a):
     t0 = time.time()
     out = a.out
     (out / "data").mkdir(parents=True, exist_ok=True)
-    files = {"train": out / "data" / "train.jsonl", "id": out / "data" / "id.jsonl", "ood": out / "data" / "ood.jsonl"}
-    sizes = {"train": a.train, "id": a.id, "ood": a.ood}
+    files = {split: out / "data" / f"{split}.jsonl" for split in ("train", *EVAL_SPLITS)}
+    sizes = {"train": a.train, "id": a.id, "ood": a.ood, "ood_errors": a.ood}
     for split, path in files.items():
         if not path.exists():
             write_jsonl(path, world.make_pairs(sizes[split], a.seed, split))
@@ -166,13 +169,13 @@ def main(a):
         samples = a.cot_samples if judge == "cot" else 1
         edir = out / "eval" / (tdir.name if method else f"base-{judge}")
         if not (edir / "results.json").exists():
-            run(["eval.py", "--model", model, "--judge", judge, "--data", files["id"], files["ood"], "--both-orders",
+            run(["eval.py", "--model", model, "--judge", judge, "--data", *(files[s] for s in EVAL_SPLITS), "--both-orders",
                  "--samples", samples, "--max-new-tokens", max_new, "--batch-size", 64, "--seed", a.seed + 1,
                  "--dtype", "float32", "--out", edir, *quiet])
         ev = json.loads((edir / "results.json").read_text())
         results[name] = {"judge": judge, "samples": samples, "train_s": train_s, "eval_s": ev["seconds"],
                          "files": ev["results"]}
-    md = table(results, {k: files[k] for k in ("id", "ood")}, a.cot_samples)
+    md = table(results, {k: files[k] for k in EVAL_SPLITS}, a.cot_samples)
     summary = {"args": {k: str(v) for k, v in vars(a).items()}, "sizes": sizes, "base_model": base,
                "seconds_this_invocation": round(time.time() - t0, 1), "results": results}
     atomic_write(out / "comparison.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))

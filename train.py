@@ -43,8 +43,9 @@ LR = {"sft": 1e-5, "bt_rm": 1e-5, "genrm": 1e-5, "rationalizer": 1e-5, "dpo": 5e
 # base judge, pretrained from scratch here (world_base), and its train / held-out splits. These
 # defaults replace the real-data ones there: a 0.8M-parameter judge trained from scratch takes a
 # learning rate a hundred times larger than a pretrained 135M model, and float32 costs it nothing.
-WORLD_DEFAULTS = dict(dtype="float32", batch_size=16, max_len=256, max_new_tokens=96, samples_per_prompt=4,
-                      sample_batch=64, iterations=3, epochs=2, warmup=0.1, save_every=50)
+WORLD_DEFAULTS = dict(dtype="float32", batch_size=16, max_len=256, max_new_tokens=96, samples_per_prompt=8,
+                      pairs_per_prompt=3, dpo_nll=1.0, ref_from_previous=True, sample_batch=64, iterations=3,
+                      epochs=2, warmup=0.1, save_every=50)
 WORLD_LR = {"sft": 5e-4, "bt_rm": 1e-3, "genrm": 1e-3, "rationalizer": 5e-4, "dpo": 1e-4, "star_sft": 5e-4,
             "star_dpo": 1e-4}
 WORLD_PAIRS = {"train": 3000, "id": 400}  # training pairs (1,000 per STaR iteration), held-out pairs
