@@ -8,8 +8,10 @@
   star_sft      STaR-SFT: iterate sample -> keep correct rationales -> SFT (Eq. 4 / 8)
   star_dpo      STaR-DPO: iterate sample -> pair correct with incorrect rationales -> DPO (Eq. 9)
 
-`python3 train.py --method star_dpo` runs on the bundled default (SmolLM2-135M-Instruct and a small
-preference set in assets/data) and prints the judge's held-out accuracy before and after.
+`python3 train.py --method star_dpo`, given neither --model nor --data, runs in the small world
+(world.py): it builds the world's base judge from scratch once (world_base), draws the world's
+training and held-out pairs, and prints the judge's held-out accuracy before and after. With
+--data and/or --model it runs on real models and data (the default model: SmolLM2-135M-Instruct).
 """
 import argparse
 import json
