@@ -372,8 +372,9 @@ def parse_args(argv=None) -> RunConfig:
                    help="STaR: sample each pair with the chosen answer as A and as B (default: one seeded order)")
     g.add_argument("--verdict-temperature", type=number(float, above=0), default=D.verdict_temperature,
                    help="STaR: temperature of the forced verdict drawn from P(A), P(B) when a rationale has none")
-    g.add_argument("--ref-from-previous", action="store_true",
-                   help="STaR-DPO reference = previous iteration's model (default: base)")
+    g.add_argument("--ref-from-previous", action=argparse.BooleanOptionalAction, default=D.ref_from_previous,
+                   help="STaR-DPO reference = the model the iteration starts from (else the base model; the small "
+                        "world's default is on)")
     g.add_argument("--eval-samples", type=number(int, 1), default=D.eval_samples,
                    help="CoT samples per held-out judgement (maj@N)")
     g.add_argument("--sample-batch", type=number(int, 1), default=D.sample_batch,

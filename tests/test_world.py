@@ -114,3 +114,19 @@ def test_cli_writes_pairs_the_loader_reads(tmp_path):
         world.main(["--n", "0", "--out", str(out)])
     with pytest.raises(SystemExit):
         world.main(["--n", "3", "--split", "nope", "--out", str(out)])
+
+
+def test_train_runs_in_the_world_only_without_model_and_data(tmp_path, monkeypatch):
+    import train
+    monkeypatch.setenv("GENRM_CACHE", str(tmp_path))
+    world_cfg = train.parse_args([])
+    assert world_cfg.world and world_cfg.learning_rate == train.WORLD_LR["star_dpo"]
+    assert all(getattr(world_cfg, k) == v for k, v in train.WORLD_DEFAULTS.items())
+    for argv in (["--data", "x.jsonl"], ["--model", "m"], ["--data=x.jsonl"]):
+        real = train.parse_args(argv)
+        assert not real.world and real.learning_rate == train.LR["star_dpo"] and real.dtype == "bfloat16"
+    paths = train.world_inputs(world_cfg, tmp_path / "run")
+    assert paths.model == str(tmp_path / "world" / world.base_dir().name / "model")
+    assert paths.data.endswith("world_train.jsonl") and paths.eval_data.endswith("world_id.jsonl")
+    monkeypatch.setitem(world.BASE_RECIPE, "lr", 1.0)  # another recipe is another base, never a stale one
+    assert world.base_dir().name not in paths.model
