@@ -24,7 +24,7 @@ import stats
 import train
 import world
 from data import Pair
-from files import atomic_write, read_jsonl, write_jsonl
+from files import read_jsonl, write_json, write_jsonl, write_text
 from scores import KS, fmt_acc
 
 EVAL_SPLITS = ("id", "ood", "ood_errors")  # world.py's held-out levels: 1-3 digits, 4 digits, new error kinds
@@ -85,12 +85,11 @@ def table(results: dict, files: dict, samples: int) -> str:
     paired differences against each row's reference judge, the maj@k curve of every CoT judge,
     the judges' diagnostics (forced verdicts, position bias) and wall times."""
     names = {k: Path(f).name for k, f in files.items()}
-    cell = lambda res, split, key: fmt_acc(*_acc(res, names[split], key))  # noqa: E731
     keys = [("maj@1", "maj@1"), (f"maj@{samples}", "maj@N"), ("pooled", "pooled")]
     head = [f"{split} {label}" for split in EVAL_SPLITS for label, _ in keys]
     lines = ["| judge | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for name, res in results.items():
-        lines.append(f"| {name} | " + " | ".join(cell(res, s, k) for s in EVAL_SPLITS for _, k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt_acc(*_acc(res, names[s], k)) for s in EVAL_SPLITS for _, k in keys) + " |")
     cols = [f"{split} {key}" for split in EVAL_SPLITS for key in ("maj@1", "maj@N")]
     lines += ["", "| judge | compared with | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, _, _, _, vs in ROWS:
@@ -114,19 +113,25 @@ def table(results: dict, files: dict, samples: int) -> str:
                                                    for k in ks) + " |")
     lines += ["", "| judge | eval set | forced verdicts | parse failures | acc chosen as A | acc chosen as B |",
               "|---|---|---|---|---|---|"]
-    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     for name, res in results.items():
         for split in EVAL_SPLITS:
             s = res["files"][names[split]]
             if "position" in s:
                 p = s["position"]
-                lines.append(f"| {name} | {split.upper()} | {fmt(s.get('forced_rate'))} | "
-                             f"{fmt(s.get('parse_failure_rate'))} | {fmt(p['acc_chosen_as_A'])} | "
-                             f"{fmt(p['acc_chosen_as_B'])} |")
+                lines.append(f"| {name} | {split.upper()} | {_rate(s.get('forced_rate'))} | "
+                             f"{_rate(s.get('parse_failure_rate'))} | {_rate(p['acc_chosen_as_A'])} | "
+                             f"{_rate(p['acc_chosen_as_B'])} |")
     lines += ["", "| judge | training | evaluation |", "|---|---|---|"]
-    mins = lambda x: "-" if x is None else f"{x / 60:.1f} min"  # noqa: E731
-    lines += [f"| {name} | {mins(res['train_s'])} | {mins(res['eval_s'])} |" for name, res in results.items()]
+    lines += [f"| {name} | {_minutes(res['train_s'])} | {_minutes(res['eval_s'])} |" for name, res in results.items()]
     return "\n".join(lines) + "\n"
+
+
+def _rate(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _minutes(seconds) -> str:
+    return "-" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def _acc(res, file, key):
@@ -178,7 +183,7 @@ def main(a):
     md = table(results, {k: files[k] for k in EVAL_SPLITS}, a.cot_samples)
     summary = {"args": {k: str(v) for k, v in vars(a).items()}, "sizes": sizes, "base_model": base,
                "seconds_this_invocation": round(time.time() - t0, 1), "results": results}
-    atomic_write(out / "comparison.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
-    atomic_write(out / "comparison.md", lambda p: Path(p).write_text(md))
+    write_json(out / "comparison.json", summary)
+    write_text(out / "comparison.md", md)
     print(md + f"\nwritten: {out}/comparison.md, comparison.json ({summary['seconds_this_invocation']} s this "
           "invocation)")
