@@ -133,13 +133,16 @@ def carries(a: int, b: int) -> list:
     return out
 
 
-def near_miss(a: int, b: int, rng: random.Random) -> tuple:
+def near_miss(a: int, b: int, rng: random.Random, kinds: tuple = ("carry", "digit")) -> tuple:
     """A wrong answer of the right length: the sum with one carry dropped (a - 10^k), or one
-    digit moved by one. Returns (wrong answer, kind)."""
+    digit moved by one. Returns (wrong answer, kind), or None where `kinds` is ("carry",) and
+    the sum has no carry to drop."""
     right = a + b
     drops = [k for k, c in enumerate(carries(a, b)) if c and len(str(right - 10 ** k)) == len(str(right))]
-    if drops and rng.random() < 0.5:
+    if drops and ("digit" not in kinds or rng.random() < 0.5):
         return right - 10 ** rng.choice(drops), "carry"
+    if "digit" not in kinds:
+        return None
     while True:
         k = rng.randrange(len(str(right)))
         wrong = right + rng.choice((-1, 1)) * 10 ** k
@@ -174,10 +177,11 @@ def _operand(rng, digits):
     return rng.randrange(10 ** (n - 1) if n > 1 else 0, 10 ** n)
 
 
-def make_pairs(n: int, seed: int, split: str, digits: tuple | None = None) -> list:
+def make_pairs(n: int, seed: int, split: str, digits: tuple | None = None, kinds: tuple = ("carry", "digit")) -> list:
     """n judging pairs of one split, drawn with `seed`: the project's pair rows (id, prompt,
     chosen, rejected, category) plus the world's own fields (a, b, kind). `digits` (lo, hi)
-    narrows the operand lengths of the split (a smaller world, for tests)."""
+    narrows the operand lengths of the split and `kinds` ("carry",) keeps only dropped-carry
+    near misses (a smaller world, for the learning test)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = random.Random(f"world:{split}:{seed}")
@@ -186,7 +190,10 @@ def make_pairs(n: int, seed: int, split: str, digits: tuple | None = None) -> li
         a, b = _operand(rng, digits or DIGITS[split]), _operand(rng, digits or DIGITS[split])
         if split != "ood" and _heldout(a, b) != (split != "train"):
             continue  # the question belongs to the other side of the train / held-out division
-        wrong, kind = far_miss(a, b, rng) if split == "ood_errors" else near_miss(a, b, rng)
+        miss = far_miss(a, b, rng) if split == "ood_errors" else near_miss(a, b, rng, kinds)
+        if miss is None:
+            continue  # no near miss of the asked kinds for this question
+        wrong, kind = miss
         rows.append({"id": f"{split}-{seed}-{len(rows)}", "prompt": f"{lsb(a)}+{lsb(b)}", "chosen": lsb(a + b),
                      "rejected": lsb(wrong), "category": f"{split}:{kind}", "a": a, "b": b, "kind": kind})
     return rows
@@ -218,12 +225,13 @@ def rationale(question: str, answer_a: str, answer_b: str, rng: random.Random, d
     return genrm.with_verdict("\n".join(lines), verdict), verdict
 
 
-def demonstrations(n: int, seed: int, drop: float = DROP, digits: tuple | None = None) -> list:
+def demonstrations(n: int, seed: int, drop: float = DROP, digits: tuple | None = None,
+                   kinds: tuple = ("carry", "digit")) -> list:
     """n SFT rows {"id", "messages", "completion"}: a training-split pair in a seeded A/B order, its
     Fig. 6 judge conversation and a sloppy demonstration rationale ending in its verdict."""
     rng = random.Random(f"world:demo:{seed}")
     rows = []
-    for r in make_pairs(n, seed, "train", digits):
+    for r in make_pairs(n, seed, "train", digits, kinds):
         pair = Pair(id=r["id"], prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
         a_is_chosen = rng.random() < 0.5
         a, b = (pair.chosen, pair.rejected) if a_is_chosen else (pair.rejected, pair.chosen)
