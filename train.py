@@ -7,6 +7,8 @@
   dpo           DPO (sigmoid / cDPO / IPO) on any prompt/chosen/rejected JSONL
   star_sft      STaR-SFT: iterate sample -> keep correct rationales -> SFT (Eq. 4 / 8)
   star_dpo      STaR-DPO: iterate sample -> pair correct with incorrect rationales -> DPO (Eq. 9)
+  online_dpo    a policy trained by online DPO with the judge as its reward (Eq. 5-6): online.py's
+                loop and options (`python3 train.py --method online_dpo --help` lists them)
 
 `python3 train.py --method star_dpo`, given neither --model nor --data, runs in the small world
 (world.py): it builds the world's base judge from scratch once (world_base), draws the world's
@@ -14,7 +16,6 @@ training and held-out pairs, and prints the judge's held-out accuracy before and
 --data and/or --model it runs on real models and data (the default model: SmolLM2-135M-Instruct).
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -39,7 +40,8 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_TRAIN = HERE / "assets" / "data" / "train_small.jsonl"
 DEFAULT_HELDOUT = HERE / "assets" / "data" / "heldout_small.jsonl"
 METHODS = ("sft", "bt_rm", "genrm", "rationalizer", "dpo", "star_sft", "star_dpo")
-LR = {"sft": 1e-5, "bt_rm": 1e-5, "genrm": 1e-5, "rationalizer": 1e-5, "dpo": 5e-6, "star_sft": 1e-5, "star_dpo": 5e-6}
+LR = {"sft": 1e-5, "bt_rm": 1e-5, "genrm": 1e-5, "rationalizer": 1e-5, "dpo": 5e-6, "star_sft": 1e-5,
+      "star_dpo": 5e-6}
 
 # The small world (world.py) is what a run is given when it names neither --model nor --data: its
 # base judge, pretrained from scratch here (world_base), and its train / held-out splits. These
@@ -80,7 +82,8 @@ class RunConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"
-    dpo_nll: float = 0.0             # RPO: alpha times the chosen answer's per-token NLL added to each pair's loss
+    # RPO: alpha times the chosen answer's per-token NLL added to each pair's loss.
+    dpo_nll: float = 0.0
     # STaR
     iterations: int = 3
     samples_per_prompt: int = 4
@@ -96,7 +99,8 @@ class RunConfig:
     # runtime
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "bfloat16"          # training: bf16 autocast on float32 master weights (faster here); float32: exact
+    # Training: bf16 autocast on float32 master weights (faster here); float32: exact.
+    dtype: str = "bfloat16"
     threads: int | None = None
     activation_checkpointing: bool = False  # recompute each block in backward: activation memory / layers
     no_progress: bool = False
@@ -156,13 +160,15 @@ def train_on(cfg: RunConfig, model_path, rows, out_dir, tok, objective, ref_path
     if not ex:
         raise SystemExit(f"{objective}: no training examples left ({st})")
     if objective in ("dpo", "star_dpo"):
-        ref_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32  # the precision training runs in
+        # The precision training runs in.
+        ref_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
         add_reference_logps(ref_path, ex, tok.pad_id, out_dir / "ref_logps.pt", cfg.batch_size, ref_dtype,
                             cfg.device, progress=cfg.progress)
     model = dist.shard(load_model(cfg, model_path, score_head=True if objective == "bt_rm" else None))
     tcfg = cfg.train_config()
     hist = fit(model, ex, step, tcfg, out_dir / "train", tok.pad_id)
-    if cfg.max_steps is not None and len(hist) < math.ceil(len(micro_batches(len(ex), tcfg)) / cfg.grad_accum):
+    if cfg.max_steps is not None and len(hist) < math.ceil(len(micro_batches(len(ex), tcfg))
+                                                           / cfg.grad_accum):
         raise SystemExit(f"stopped at --max-steps {cfg.max_steps}; run again with --resume to finish")
     save_model(model, out_dir / "model", tok)
     if not cfg.keep_checkpoints:  # the stage is done: its final model is all a resume or a user needs
@@ -205,8 +211,9 @@ def star(cfg: RunConfig, pairs, tok, run_dir, log=print):
             samples = read_rows(samples_file, "samples")
         else:
             samples = genrm.sample_rationales(
-                load_sampler(cfg, latest), tok, split, n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens,
-                seed=cfg.seed * 1000 + i, both_orders=cfg.star_both_orders, verdict_temperature=cfg.verdict_temperature,
+                load_sampler(cfg, latest), tok, split, n=cfg.samples_per_prompt,
+                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + i,
+                both_orders=cfg.star_both_orders, verdict_temperature=cfg.verdict_temperature,
                 prompt_batch=cfg.sample_batch, progress=cfg.progress)
             save_rows(samples_file, samples)
 
@@ -263,9 +270,10 @@ def world_base(cfg: RunConfig) -> str:
         if dist.rank() == 0 and not (base / "init" / "config.json").exists():
             world.write_initial_model(base / "init", recipe["seed"])
         dist.barrier()
-        pretrain = replace(cfg, method="sft", lr=recipe["lr"], batch_size=recipe["batch_size"], epochs=1, grad_accum=1,
-                           warmup=recipe["warmup"], weight_decay=0.0, clip=1.0, seed=recipe["seed"], dtype="float32",
-                           max_steps=None, activation_checkpointing=False, keep_checkpoints=False)
+        pretrain = replace(cfg, method="sft", lr=recipe["lr"], batch_size=recipe["batch_size"], epochs=1,
+                           grad_accum=1, warmup=recipe["warmup"], weight_decay=0.0, clip=1.0,
+                           seed=recipe["seed"], dtype="float32", max_steps=None,
+                           activation_checkpointing=False, keep_checkpoints=False)
         demos = world.demonstrations(recipe["demonstrations"], recipe["seed"], recipe["drop"])
         train_on(pretrain, base / "init", demos, base, load_tokenizer(base / "init"), "sft")
     return str(base / "model")
@@ -288,8 +296,8 @@ def write_world_splits(cfg: RunConfig):
 
 def _held_out_accuracy(cfg, model_path, pairs, tok, title):
     return judge_report(load_sampler(cfg, model_path), tok, pairs, title=title, samples=cfg.eval_samples,
-                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, prompt_batch=max(16, cfg.sample_batch),
-                        progress=cfg.progress)
+                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                        prompt_batch=max(16, cfg.sample_batch), progress=cfg.progress)
 
 
 def _paired_change(before, after, log):
@@ -301,15 +309,16 @@ def _paired_change(before, after, log):
         return None
     keep = [i for i, (x, y) in enumerate(zip(a["maj@N"], b["maj@N"])) if x is not None and y is not None]
     d = stats.paired_bootstrap([[a["maj@N"][i] for i in keep]], [[b["maj@N"][i] for i in keep]], seed=0)
-    log(f"[after - before] {d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] (paired bootstrap over the "
-        f"{len(keep)} held-out pairs, p = {d['p']:.2f})")
+    log(f"[after - before] {d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] (paired bootstrap over "
+        f"the {len(keep)} held-out pairs, p = {d['p']:.2f})")
     return d
 
 
 # RunConfig fields a resume may change: they do not change what the run computes
 _RESUME_FREE = ("out", "resume", "device", "threads", "activation_checkpointing", "no_progress", "max_steps",
                 "save_every", "keep_checkpoints")
-_KEEPS = """what a run directory keeps: args.json (the arguments, written once the inputs are read), metrics.jsonl,
+_KEEPS = """\
+what a run directory keeps: args.json (the arguments, written once the inputs are read), metrics.jsonl,
 report.json, the STaR artefacts and each stage's final model (model/, or iter_{i}/model/ for STaR). While a
 stage trains, its last two checkpoints train/ckpt-NNNNNN/ (model plus optimizer state, about 3x the model's
 size each) let --resume continue it; they are deleted once the stage has written its model, unless
@@ -322,38 +331,52 @@ def parse_args(argv=None) -> RunConfig:
     D = RunConfig(**WORLD_DEFAULTS, world=True) if in_world else RunConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                  epilog=_KEEPS)
-    ap.add_argument("--method", choices=METHODS, default=D.method, help="objective (see above)")
-    ap.add_argument("--model", default=D.model, help="HF-format directory or 'smollm2-135m-instruct' (the default "
-                    "with --data; with neither, the small world's base judge)")
-    ap.add_argument("--data", default=D.data, help="training JSONL (pairs; for sft also {messages|prompt, completion}); "
-                    "with neither --data nor --model, the small world's training split")
-    ap.add_argument("--eval-data", default=D.eval_data, help="held-out pairs for before/after accuracy (small world: "
-                    "its in-distribution held-out split)")
-    ap.add_argument("--limit", type=number(int, 1), default=D.limit, help="seeded subset of the training pairs")
-    ap.add_argument("--eval-limit", type=number(int, 1), default=D.eval_limit, help="seeded subset of the held-out pairs")
+    ap.add_argument("--method", choices=(*METHODS, "online_dpo"), default=D.method,
+                    help="objective (see above; online_dpo's options: --method online_dpo --help)")
+    ap.add_argument("--model", default=D.model,
+                    help="HF-format directory or 'smollm2-135m-instruct' (the default "
+                         "with --data; with neither, the small world's base judge)")
+    ap.add_argument("--data", default=D.data,
+                    help="training JSONL (pairs; for sft also {messages|prompt, completion}); "
+                         "with neither --data nor --model, the small world's training split")
+    ap.add_argument("--eval-data", default=D.eval_data,
+                    help="held-out pairs for before/after accuracy (small world: "
+                         "its in-distribution held-out split)")
+    ap.add_argument("--limit", type=number(int, 1), default=D.limit,
+                    help="seeded subset of the training pairs")
+    ap.add_argument("--eval-limit", type=number(int, 1), default=D.eval_limit,
+                    help="seeded subset of the held-out pairs")
     ap.add_argument("--no-eval", action="store_true", help="skip the before/after judge evaluation")
     ap.add_argument("--out", default=D.out, help="run directory (default runs/<method>)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run in --out where it stopped, with the arguments it was started with")
     g = ap.add_argument_group("optimisation")
-    g.add_argument("--lr", type=number(float, above=0), default=D.lr, help="peak learning rate (default per method: "
-                   + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")")
-    g.add_argument("--epochs", type=number(int, 1), default=D.epochs, help="epochs over each (STaR: each iteration's) data")
-    g.add_argument("--batch-size", type=number(int, 1), default=D.batch_size, help="examples (pairs) per micro-batch")
-    g.add_argument("--grad-accum", type=number(int, 1), default=D.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=number(float, above=0), default=D.lr,
+                   help="peak learning rate (default per method: "
+                        + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")")
+    g.add_argument("--epochs", type=number(int, 1), default=D.epochs,
+                   help="epochs over each (STaR: each iteration's) data")
+    g.add_argument("--batch-size", type=number(int, 1), default=D.batch_size,
+                   help="examples (pairs) per micro-batch")
+    g.add_argument("--grad-accum", type=number(int, 1), default=D.grad_accum,
+                   help="micro-batches per optimizer step")
     g.add_argument("--warmup", type=number(float, 0, high=1), default=D.warmup,
                    help="linear warmup, fraction of steps; then cosine")
     g.add_argument("--weight-decay", type=number(float, 0), default=D.weight_decay, help="AdamW weight decay")
     g.add_argument("--clip", type=number(float, above=0), default=D.clip, help="gradient-norm clip")
-    g.add_argument("--max-len", type=number(int, 1), default=D.max_len, help="longer examples are skipped and counted")
+    g.add_argument("--max-len", type=number(int, 1), default=D.max_len,
+                   help="longer examples are skipped and counted")
     g.add_argument("--save-every", type=number(int, 0), default=D.save_every,
                    help="checkpoint every N steps (and at the end; 0: only at the end)")
-    g.add_argument("--max-steps", type=number(int, 1), default=D.max_steps, help="stop after N steps (resume later)")
+    g.add_argument("--max-steps", type=number(int, 1), default=D.max_steps,
+                   help="stop after N steps (resume later)")
     g = ap.add_argument_group("DPO")
     g.add_argument("--beta", type=number(float, above=0), default=D.beta, help="DPO beta (Eq. 9)")
-    g.add_argument("--label-smoothing", type=number(float, 0, high=0.5), default=D.label_smoothing, help="cDPO epsilon")
+    g.add_argument("--label-smoothing", type=number(float, 0, high=0.5), default=D.label_smoothing,
+                   help="cDPO epsilon")
     g.add_argument("--dpo-nll", type=number(float, 0), default=D.dpo_nll,
-                   help="RPO: add this weight times the chosen answer's per-token NLL to each pair's DPO loss")
+                   help="RPO: add this weight times the chosen answer's per-token NLL to each pair's "
+                        "DPO loss")
     g.add_argument("--loss", dest="loss_type", choices=("sigmoid", "ipo"), default=D.loss_type,
                    help="DPO loss: sigmoid (DPO/cDPO) or ipo")
     g = ap.add_argument_group("STaR")
@@ -367,33 +390,41 @@ def parse_args(argv=None) -> RunConfig:
                    help="rationale length cap when sampling")
     g.add_argument("--star-filter", choices=("label", "random"), default=D.star_filter,
                    help="STaR: keep rationales by the label (the method), or as many at random (the control)")
-    g.add_argument("--rationalize", action="store_true", help="STaR-SFT: add Fig. 7 rationales for pairs the model got wrong")
+    g.add_argument("--rationalize", action="store_true",
+                   help="STaR-SFT: add Fig. 7 rationales for pairs the model got wrong")
     g.add_argument("--star-both-orders", action="store_true",
-                   help="STaR: sample each pair with the chosen answer as A and as B (default: one seeded order)")
+                   help="STaR: sample each pair with the chosen answer as A and as B "
+                        "(default: one seeded order)")
     g.add_argument("--verdict-temperature", type=number(float, above=0), default=D.verdict_temperature,
-                   help="STaR: temperature of the forced verdict drawn from P(A), P(B) when a rationale has none")
+                   help="STaR: temperature of the forced verdict drawn from P(A), P(B) "
+                        "when a rationale has none")
     g.add_argument("--ref-from-previous", action=argparse.BooleanOptionalAction, default=D.ref_from_previous,
-                   help="STaR-DPO reference = the model the iteration starts from (else the base model; the small "
-                        "world's default is on)")
+                   help="STaR-DPO reference = the model the iteration starts from (else the base model; "
+                        "the small world's default is on)")
     g.add_argument("--eval-samples", type=number(int, 1), default=D.eval_samples,
                    help="CoT samples per held-out judgement (maj@N)")
     g.add_argument("--sample-batch", type=number(int, 1), default=D.sample_batch,
                    help="prompts sampled together, each with its --samples-per-prompt rows")
     g = ap.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, default=D.seed, help="seed for splits, A/B orders, sampling and data order")
+    g.add_argument("--seed", type=int, default=D.seed,
+                   help="seed for splits, A/B orders, sampling and data order")
     g.add_argument("--device", default=D.device, help="cpu or cuda")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=D.dtype,
                    help="bfloat16: train under bf16 autocast on float32 master weights and optimizer, "
                         "sample in bf16; float32: exact float32 everywhere (oracle runs)")
-    g.add_argument("--threads", type=number(int, 1), default=D.threads, help="torch CPU threads (default: torch's)")
+    g.add_argument("--threads", type=number(int, 1), default=D.threads,
+                   help="torch CPU threads (default: torch's)")
     g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each transformer block in backward (activation memory ~ 1/layers; ~1/3 more compute)")
+                   help="recompute each transformer block in backward (activation memory ~ 1/layers; "
+                        "~1/3 more compute)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     g.add_argument("--keep-checkpoints", action="store_true",
-                   help="a finished stage keeps its last two checkpoints (model + optimizer state) beside its model")
+                   help="a finished stage keeps its last two checkpoints (model + optimizer state) "
+                        "beside its model")
     a = ap.parse_args(argv)
     if a.method == "star_dpo" and a.samples_per_prompt < 2:
-        ap.error("argument --samples-per-prompt: star_dpo needs >= 2 (a pair is a right and a wrong rationale)")
+        ap.error("argument --samples-per-prompt: star_dpo needs >= 2 "
+                 "(a pair is a right and a wrong rationale)")
     return RunConfig(**vars(a), world=in_world)
 
 
@@ -416,7 +447,8 @@ def _check_run_dir(cfg: RunConfig, out: Path):
     (args.json is the run's record and is never rewritten). Refusals are SystemExit(one line)."""
     args_f = out / "args.json"
     if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise SystemExit(f"{out} exists and is not empty: pass --resume to continue it or --out for a new run")
+        raise SystemExit(f"{out} exists and is not empty: pass --resume to continue it "
+                         "or --out for a new run")
     if cfg.resume and args_f.exists():
         try:
             old = read_json(args_f)
@@ -438,7 +470,8 @@ def _read_inputs(cfg: RunConfig):
         tok = load_tokenizer(cfg.model)
         st = LoadStats()
         first = next((r for _, r in read_jsonl(cfg.data)), None)
-        if cfg.method == "sft" and first is not None and "completion" in first:  # {messages|prompt, completion}
+        # Completion rows: {messages|prompt, completion}.
+        if cfg.method == "sft" and first is not None and "completion" in first:
             rows = load_completions(cfg.data, limit=cfg.limit, seed=cfg.seed, stats=st)
         else:
             rows = load_pairs(cfg.data, limit=cfg.limit, seed=cfg.seed, stats=st)
@@ -446,7 +479,8 @@ def _read_inputs(cfg: RunConfig):
         if not rows:
             raise ValueError(f"{cfg.data}: nothing to train on ({st})")
         if cfg.method in ("star_sft", "star_dpo") and cfg.iterations > len(rows):
-            raise ValueError(f"{cfg.data}: {len(rows)} pairs cannot make --iterations {cfg.iterations} disjoint splits")
+            raise ValueError(f"{cfg.data}: {len(rows)} pairs cannot make --iterations {cfg.iterations} "
+                             "disjoint splits")
         heldout = None
         if not cfg.no_eval and cfg.method != "bt_rm":
             est = LoadStats()
@@ -458,11 +492,40 @@ def _read_inputs(cfg: RunConfig):
     return tok, rows, heldout
 
 
+def _asks_online(argv) -> bool:
+    """True when the command line asks for --method online_dpo (as `--method X` or `--method=X`)."""
+    for i, a in enumerate(argv):
+        if a == "--method" and i + 1 < len(argv):
+            return argv[i + 1] == "online_dpo"
+        if a.startswith("--method="):
+            return a.split("=", 1)[1] == "online_dpo"
+    return False
+
+
+def _without_method(argv) -> list:
+    """argv less its --method option, for online.py (which has no --method)."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+        elif a == "--method":
+            skip = True
+        elif not a.startswith("--method="):
+            out.append(a)
+    return out
+
+
 def silent(*_):
     """The log of ranks other than 0."""
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _asks_online(argv):
+        # online_dpo trains a policy with a judge as its reward, not a judge: its loop, its run
+        # directory and its options are online.py's, which takes the rest of the command line.
+        import online
+        return online.main(_without_method(argv))
     cfg = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -506,7 +569,8 @@ def main(argv=None):
         if rationales_file.exists():
             rows = read_rows(rationales_file, "sft")
         else:
-            rows = genrm.rationalize(load_sampler(cfg, cfg.model), tok, pairs, genrm.seeded_orders(pairs, cfg.seed),
+            rows = genrm.rationalize(load_sampler(cfg, cfg.model), tok, pairs,
+                                     genrm.seeded_orders(pairs, cfg.seed),
                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
             save_rows(rationales_file, rows)
         train_on(cfg, cfg.model, rows, out, tok, "rationalizer")
@@ -521,7 +585,8 @@ def main(argv=None):
     report.update(base_model=cfg.model, final_model=final, seconds=round(time.time() - t0, 1))
     if rank == 0:
         write_json(out / "report.json", report)
-        print(f"final model: {final}\nreport: {out / 'report.json'}\nrun directory: {out}  ({report['seconds']} s)")
+        print(f"final model: {final}\nreport: {out / 'report.json'}\n"
+              f"run directory: {out}  ({report['seconds']} s)")
     dist.finish()
     return report
 

@@ -52,7 +52,8 @@ DROP = 0.75           # a sloppy demonstration forgets an incoming carry with th
 # the question, the two answers and the judge's reply, for each of the three prompts (Fig. 6-8; the
 # rationalizer's request in both orders), then the verdict prefix and, for other renderings, the
 # pieces one by one. A piece that contains a shorter one is matched first (longest match).
-_START, _USER, _REPLY = "<|im_start|>system\n", "<|im_end|>\n<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
+_START, _USER, _REPLY = ("<|im_start|>system\n", "<|im_end|>\n<|im_start|>user\n",
+                         "<|im_end|>\n<|im_start|>assistant\n")
 _A, _B, _END = ("\n\n[The Start of Assistant A's Answer]\n",
                 "\n[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n",
                 "\n[The End of Assistant B's Answer]")
@@ -67,9 +68,9 @@ CHARACTERS = list("0123456789+=-_ \nAB[]:")
 
 
 # The base judge's network: about 0.45M parameters (width 96, 4 layers, a vocabulary of 50).
-BASE_CONFIG = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, head_dim=24,
-                   intermediate_size=256, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-                   max_position_embeddings=256)
+BASE_CONFIG = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                   head_dim=24, intermediate_size=256, rms_norm_eps=1e-5, rope_theta=10000.0,
+                   tie_word_embeddings=True, max_position_embeddings=256)
 
 
 # How the base judge is made (train.world_base): the SFT loop from random initialisation on this
@@ -102,6 +103,7 @@ def write_initial_model(directory, seed: int):
     """A randomly initialised base network and the world's tokenizer, as an HF-format model
     directory: the starting point of the base judge's pretraining (train.pretrain_world)."""
     import torch
+
     from data import load_tokenizer
     from model import Llama, LlamaConfig
     directory = Path(directory)
@@ -177,7 +179,8 @@ def _operand(rng, digits):
     return rng.randrange(10 ** (n - 1) if n > 1 else 0, 10 ** n)
 
 
-def make_pairs(n: int, seed: int, split: str, digits: tuple | None = None, kinds: tuple = ("carry", "digit")) -> list:
+def make_pairs(n: int, seed: int, split: str, digits: tuple | None = None,
+               kinds: tuple = ("carry", "digit")) -> list:
     """n judging pairs of one split, drawn with `seed`: the project's pair rows (id, prompt,
     chosen, rejected, category) plus the world's own fields (a, b, kind). `digits` (lo, hi)
     narrows the operand lengths of the split and `kinds` ("carry",) keeps only dropped-carry
@@ -194,8 +197,9 @@ def make_pairs(n: int, seed: int, split: str, digits: tuple | None = None, kinds
         if miss is None:
             continue  # no near miss of the asked kinds for this question
         wrong, kind = miss
-        rows.append({"id": f"{split}-{seed}-{len(rows)}", "prompt": f"{lsb(a)}+{lsb(b)}", "chosen": lsb(a + b),
-                     "rejected": lsb(wrong), "category": f"{split}:{kind}", "a": a, "b": b, "kind": kind})
+        rows.append({"id": f"{split}-{seed}-{len(rows)}", "prompt": f"{lsb(a)}+{lsb(b)}",
+                     "chosen": lsb(a + b), "rejected": lsb(wrong), "category": f"{split}:{kind}",
+                     "a": a, "b": b, "kind": kind})
     return rows
 
 
@@ -236,7 +240,8 @@ def demonstrations(n: int, seed: int, drop: float = DROP, digits: tuple | None =
         a_is_chosen = rng.random() < 0.5
         a, b = (pair.chosen, pair.rejected) if a_is_chosen else (pair.rejected, pair.chosen)
         text, _ = rationale(pair.prompt, a, b, rng, drop)
-        rows.append({"id": r["id"], "messages": genrm.judge_messages(pair, a_is_chosen, "cot"), "completion": text})
+        rows.append({"id": r["id"], "messages": genrm.judge_messages(pair, a_is_chosen, "cot"),
+                     "completion": text})
     return rows
 
 
@@ -267,3 +272,110 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------
+# the policy task
+#
+# online.py trains a policy with a judge as its reward. In the small world the policy answers the
+# world's own questions: the user turn is the question, the reply is the sum's digits LSB first,
+# then end-of-turn. In the policy's user turn each operand is written with three digits, its
+# leading zeros included (at the end, LSB first: '8+76' is asked as '800+760', the same sum), so
+# that every column sits at a fixed distance from the answer digit it makes: a model trained from
+# scratch learns that lookup in a few hundred steps instead of thousands. The judge sees the
+# question as the world writes it. The system turn is empty (the world's tokenizer has no letters
+# for SmolLM2's default system prompt, which an absent system turn would bring in). The policy
+# is pretrained (online.world_policy) by the project's SFT loop from a random initialisation on
+# sloppy answers: each incoming carry is forgotten with probability POLICY_DROP, so it samples
+# right and wrong answers to the same question and answers about half the held-out questions
+# right: partly right, with room to improve.
+
+POLICY_DROP = 0.6
+# about 0.16M parameters (width 64, 3 layers); a question and its answer take < 30 positions
+POLICY_CONFIG = dict(BASE_CONFIG, hidden_size=64, num_hidden_layers=3, head_dim=16,
+                     max_position_embeddings=64)
+POLICY_RECIPE = dict(config=POLICY_CONFIG, demonstrations=64000, drop=POLICY_DROP, lr=3e-3, batch_size=64,
+                     warmup=0.05, seed=0, world_version=1)
+
+
+def policy_dir() -> Path:
+    """Where the pretrained policy of POLICY_RECIPE is kept: $GENRM_CACHE/world/policy-<hash>."""
+    key = hashlib.sha256(json.dumps(POLICY_RECIPE, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / "world" / f"policy-{key}"
+
+
+def policy_messages(question: str) -> list:
+    """The policy's conversation for a question: an empty system turn, then the question with
+    each operand written with three digits ('8+76' -> '800+760')."""
+    width = DIGITS["train"][1]
+    padded = "+".join(x.ljust(width, "0") for x in question.split("+"))
+    return [{"role": "system", "content": ""}, {"role": "user", "content": padded}]
+
+
+def sloppy_sum(a: int, b: int, rng: random.Random, drop: float) -> str:
+    """a + b written LSB first, column by column, each incoming carry forgotten with probability
+    `drop` (the carry out of a column is then that of its sloppy sum, as `rationale` works)."""
+    x, y, digits, carry = lsb(a), lsb(b), [], 0
+    for k in range(max(len(x), len(y))):
+        if carry and rng.random() < drop:
+            carry = 0  # the sloppy step: this column forgets the carry it received
+        s = (int(x[k]) if k < len(x) else 0) + (int(y[k]) if k < len(y) else 0) + carry
+        digits.append(str(s % 10))
+        carry = s // 10
+    return "".join(digits) + ("1" if carry else "")
+
+
+def policy_questions(n: int, seed: int, split: str = "train") -> list:
+    """n distinct questions of a split (`train` or `id`: the same hash division as make_pairs, so
+    the policy is never evaluated on a question it trained on), drawn with `seed`. Rows: {"id",
+    "question", "answer" (the true sum, LSB first), "a", "b"}."""
+    if split not in ("train", "id"):
+        raise ValueError(f"policy_questions: split must be 'train' or 'id', got {split!r}")
+    rng, seen, rows = random.Random(f"world:policy:{split}:{seed}"), set(), []
+    while len(rows) < n:
+        a, b = _operand(rng, DIGITS[split]), _operand(rng, DIGITS[split])
+        if _heldout(a, b) != (split == "id") or (a, b) in seen:
+            continue
+        seen.add((a, b))
+        rows.append({"id": f"q-{split}-{seed}-{len(rows)}", "question": f"{lsb(a)}+{lsb(b)}",
+                     "answer": lsb(a + b), "a": a, "b": b})
+    return rows
+
+
+def policy_demonstrations(n: int, seed: int, drop: float = POLICY_DROP) -> list:
+    """n SFT rows {"id", "messages", "completion"} for the policy's pretraining: training-split
+    questions (repeats allowed) with sloppy answers (sloppy_sum)."""
+    rng = random.Random(f"world:policy-demo:{seed}")
+    rows = []
+    while len(rows) < n:
+        a, b = _operand(rng, DIGITS["train"]), _operand(rng, DIGITS["train"])
+        if _heldout(a, b):
+            continue
+        rows.append({"id": f"pd-{seed}-{len(rows)}", "messages": policy_messages(f"{lsb(a)}+{lsb(b)}"),
+                     "completion": sloppy_sum(a, b, rng, drop)})
+    return rows
+
+
+def true_answer(question: str) -> str:
+    """The right answer to a question ('743+985' -> '8271'), LSB first."""
+    x, y = question.split("+")
+    return lsb(int(x[::-1]) + int(y[::-1]))
+
+
+def write_initial_policy(directory, seed: int):
+    """A randomly initialised policy network (POLICY_CONFIG) and the world's tokenizer, as an
+    HF-format model directory; the same initialisation as write_initial_model."""
+    import torch
+
+    from data import load_tokenizer
+    from model import Llama, LlamaConfig
+    directory = Path(directory)
+    write_tokenizer(directory / "tokenizer.json")
+    tok = load_tokenizer(directory)
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eot_id, **POLICY_CONFIG))
+    with torch.no_grad():  # GPT-2's initialisation: N(0, 0.02) for every matrix, RMSNorm weights at 1
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(directory)
