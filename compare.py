@@ -125,9 +125,9 @@ def provenance(a, data_dir: Path, dst: Path) -> str:
     lines = ["# Pairs for compare.py (the paper's comparison at small scale)", "",
              f"Built by `{cmd}` from the staged preference data (`../shared/data`, whose PROVENANCE.md is "
              "quoted below). Each file is a seeded stratified sample of its source (`compare.stratified`: "
-             f"per group, `random.Random(f\"{{seed}}:{{group}}\").sample`, seed {a.seed}, kept in file order), "
-             "one pair per line with every field of the source row; the same command on the same sources "
-             "gives the same bytes. `compare.py` reads these files unless given `--data-dir`.", "",
+             f"per group, `random.Random(f\"{{seed}}:{{group}}\").sample`, seed {a.seed}, kept in file "
+             "order), one pair per line with every field of the source row; the same command on the same "
+             "sources gives the same bytes. `compare.py` reads these files unless given `--data-dir`.", "",
              "| file | pairs | per group | source | source sha256 | sha256 |", "|---|---|---|---|---|---|"]
     for name, (group, _) in plan(a).items():
         f = dst / f"{name}.jsonl"
@@ -180,7 +180,8 @@ def comparisons(results: dict, files: dict) -> list:
         n = res["samples"]
         each = f"maj@{n}" if res["judge"] == "cot" else "p(chosen) > 0.5, each order"
         scores = [("maj@N", "longer", "reward margin > 0 vs longer answer")] if vs == LENGTH else \
-            [(m, m, label) for m, label in (("maj@1", "maj@1"), ("maj@N", each), ("pooled", "both orders pooled"))
+            [(m, m, label) for m, label in (("maj@1", "maj@1"), ("maj@N", each),
+                                            ("pooled", "both orders pooled"))
              if m != "maj@1" or n > 1]
         for ma, mb, label in scores:
             cells = {}
@@ -209,7 +210,8 @@ def _curve(results: dict, id_file: str) -> list:
     for name in [n for n in (BASE_COT, best) if n in results]:
         v = results[name]["files"].get(id_file, {}).get("per_category", {}).get("all", {})
         curve, ci = v.get("maj@k", {}), v.get("ci", {}).get("maj@k", {})
-        lines.append(f"| {name} | " + " | ".join(fmt_acc(curve.get(str(k)), ci.get(str(k))) for k in KS) + " |")
+        lines.append(f"| {name} | "
+                     + " | ".join(fmt_acc(curve.get(str(k)), ci.get(str(k))) for k in KS) + " |")
     return lines
 
 
@@ -223,7 +225,8 @@ def table(results: dict, files: dict) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     names = [Path(files[k]).name for k in ("id", "rewardbench", "hh_harmless")]
     cols = [(names[0], "all")] + [(names[1], s) for s in (*SECTIONS, "mean")] + [(names[2], "all")]
-    lines = ["| method | ID (AlpacaEval) | RB chat | RB chat_hard | RB safety | RB reasoning | RB mean | HH harmless |",
+    lines = ["| method | ID (AlpacaEval) | RB chat | RB chat_hard | RB safety | RB reasoning | RB mean "
+             "| HH harmless |",
              "|---|---|---|---|---|---|---|---|"]
 
     def add(name, res, key):
@@ -241,24 +244,28 @@ def table(results: dict, files: dict) -> str:
             add(f"{name}, both orders pooled", res, "pooled")
     lines += ["", "| trained judge | compared with | score | ID (AlpacaEval) | RB mean | HH harmless |",
               "|---|---|---|---|---|---|"]
-    diff = lambda r: "-" if r is None else f"{r['diff']:+.3f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}] p={r['p']:.3f}"  # noqa: E731
+    diff = lambda r: ("-" if r is None  # noqa: E731
+                      else f"{r['diff']:+.3f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}] p={r['p']:.3f}")
     for c in comparisons(results, files):
-        lines.append(f"| {c['judge']} | {c['vs']} | {c['score']} | " + " | ".join(diff(c["cells"][f]) for f in names) + " |")
+        lines.append(f"| {c['judge']} | {c['vs']} | {c['score']} | "
+                     + " | ".join(diff(c["cells"][f]) for f in names) + " |")
     lines += ["", *_curve(results, names[0])]
-    lines += ["", "| method | eval set | parse failures | forced verdicts | tie / no verdict | acc chosen as A | "
-              "acc chosen as B | swap consistency |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | eval set | parse failures | forced verdicts | tie / no verdict | "
+              "acc chosen as A | acc chosen as B | swap consistency |", "|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         for f in names:
             s = res["files"].get(f)
             if not s or "position" not in s:  # BT: no verdicts, no order
                 continue
             p = s["position"]
-            lines.append(f"| {name} | {f} | {fmt(s.get('parse_failure_rate'))} | {fmt(s.get('forced_rate'))} | "
-                         f"{fmt(s['tie_rate'])} / {fmt(s['no_verdict_rate'])} | {fmt(p['acc_chosen_as_A'])} | "
+            lines.append(f"| {name} | {f} | {fmt(s.get('parse_failure_rate'))} | "
+                         f"{fmt(s.get('forced_rate'))} | {fmt(s['tie_rate'])} / "
+                         f"{fmt(s['no_verdict_rate'])} | {fmt(p['acc_chosen_as_A'])} | "
                          f"{fmt(p['acc_chosen_as_B'])} | {fmt(p['swap_consistency'])} |")
     lines += ["", "| method | training wall time | evaluation wall time |", "|---|---|---|"]
     mins = lambda x: "-" if x is None else f"{x / 60:.1f} min"  # noqa: E731
-    lines += [f"| {name} | {mins(res.get('train_s'))} | {mins(res.get('eval_s'))} |" for name, res in results.items()]
+    lines += [f"| {name} | {mins(res.get('train_s'))} | {mins(res.get('eval_s'))} |"
+              for name, res in results.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -269,29 +276,35 @@ def parser() -> argparse.ArgumentParser:
                     help="the full staged data (e.g. ../shared/data): subsets are drawn from it instead of "
                          "from the shipped assets/compare")
     ap.add_argument("--build-assets", action="store_true",
-                    help="write assets/compare (the subsets at the sizes given, and PROVENANCE.md) from --data-dir "
-                         "(default ../shared/data), then stop")
+                    help="write assets/compare (the subsets at the sizes given, and PROVENANCE.md) from "
+                         "--data-dir (default ../shared/data), then stop")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="base model for every method")
     ap.add_argument("--world", choices=("small",), default=None,
-                    help="the comparison in the small world (world.py, compare_world.py) instead of on real data")
+                    help="the comparison in the small world (world.py, compare_world.py) instead of on "
+                         "real data")
     ap.add_argument("--train", type=int, default=384,
                     help="training pairs, the same for every method (small world: 3000 unless given)")
-    ap.add_argument("--id", type=int, default=256, help="held-out in-distribution pairs (small world: 400 unless given)")
-    ap.add_argument("--ood", type=int, default=400, help="small world: pairs of each out-of-distribution level (4 digits; new error kinds)")
+    ap.add_argument("--id", type=int, default=256,
+                    help="held-out in-distribution pairs (small world: 300 unless given)")
+    ap.add_argument("--ood", type=int, default=300,
+                    help="small world: pairs of each out-of-distribution level (4 digits; new error kinds)")
     ap.add_argument("--rb-per-section", type=int, default=48,
                     help="RewardBench-like pairs per section (reasoning: half math, half code)")
     ap.add_argument("--hh", type=int, default=128, help="HH harmless pairs")
     ap.add_argument("--cot-samples", type=int, default=8,
-                    help="samples per judgement for every CoT judge, base and trained (maj@1 and maj@N; small world: "
-                         "16 unless given)")
+                    help="samples per judgement for every CoT judge, base and trained (maj@1 and maj@N; "
+                         "small world: 16 unless given)")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="rationale cap, sampling and judging")
     ap.add_argument("--samples-per-prompt", type=int, default=4, help="STaR rationales per training pair")
-    ap.add_argument("--iterations", type=int, default=3, help="STaR iterations (disjoint splits of the training pairs)")
-    ap.add_argument("--star-epochs", type=int, default=3, help="epochs per STaR iteration (paper A.3); other methods 1")
+    ap.add_argument("--iterations", type=int, default=3,
+                    help="STaR iterations (disjoint splits of the training pairs)")
+    ap.add_argument("--star-epochs", type=int, default=3,
+                    help="epochs per STaR iteration (paper A.3); other methods 1")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16",
-                    help="every step's --dtype: bf16 sampling and judging (training under bf16 autocast on float32 "
-                         "master weights); float32 for an exact run")
-    ap.add_argument("--seed", type=int, default=0, help="seed for subsets (the shipped ones are seed 0), orders, sampling and training")
+                    help="every step's --dtype: bf16 sampling and judging (training under bf16 autocast on "
+                         "float32 master weights); float32 for an exact run")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed for subsets (the shipped ones are seed 0), orders, sampling and training")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars in the steps")
     return ap
 
@@ -299,7 +312,8 @@ def parser() -> argparse.ArgumentParser:
 def sources(a) -> dict:
     """subset name -> the file its pairs are drawn from: the full data with --data-dir, else the
     shipped assets/compare (nothing outside the repository)."""
-    return {n: a.data_dir / f for n, f in SOURCES.items()} if a.data_dir else {n: ASSETS / f"{n}.jsonl" for n in SOURCES}
+    return ({n: a.data_dir / f for n, f in SOURCES.items()} if a.data_dir
+            else {n: ASSETS / f"{n}.jsonl" for n in SOURCES})
 
 
 def main(argv=None):
@@ -307,7 +321,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     world = a.world is not None
     given = {x.split("=")[0] for x in (sys.argv[1:] if argv is None else argv)}
-    for flag, size in (("train", 3000), ("id", 400), ("cot_samples", 16)):  # the small world's own defaults
+    # The small world's own defaults.
+    for flag, size in (("train", 3000), ("id", 300), ("ood", 300), ("cot_samples", 16)):
         if world and "--" + flag.replace("_", "-") not in given:
             setattr(a, flag, size)
     for flag in ("train", "id", "ood", "cot_samples"):
@@ -321,7 +336,8 @@ def main(argv=None):
         ap.error(f"argument --rb-per-section: must be an even number >= 2, got {a.rb_per_section}")
     if a.build_assets:
         build_assets(a, a.data_dir or DATA, ASSETS)
-        print(f"written: {ASSETS} ({', '.join(f'{p.name} {p.stat().st_size} B' for p in sorted(ASSETS.iterdir()))})")
+        print(f"written: {ASSETS} "
+              f"({', '.join(f'{p.name} {p.stat().st_size} B' for p in sorted(ASSETS.iterdir()))})")
         return
     t0 = time.time()
     (a.out / "data").mkdir(parents=True, exist_ok=True)
@@ -333,9 +349,10 @@ def main(argv=None):
         if method:
             tdir = a.out / "train" / method
             if not (tdir / "report.json").exists():
-                run(["train.py", "--method", method, "--model", a.model, "--data", files["train"], "--no-eval",
-                     "--out", tdir, "--seed", a.seed, "--iterations", a.iterations,
-                     "--epochs", a.star_epochs if method in STAR else 1, "--samples-per-prompt", a.samples_per_prompt,
+                run(["train.py", "--method", method, "--model", a.model, "--data", files["train"],
+                     "--no-eval", "--out", tdir, "--seed", a.seed, "--iterations", a.iterations,
+                     "--epochs", a.star_epochs if method in STAR else 1,
+                     "--samples-per-prompt", a.samples_per_prompt,
                      "--max-new-tokens", a.max_new_tokens, "--dtype", a.dtype, *quiet,
                      *(["--resume"] if tdir.exists() else [])])
             rep = json.loads((tdir / "report.json").read_text())
@@ -344,8 +361,9 @@ def main(argv=None):
         edir = a.out / "eval" / (method or f"base-{judge}")
         if not (edir / "results.json").exists():
             run(["eval.py", "--model", model, "--judge", judge, "--data", files["id"], files["rewardbench"],
-                 files["hh_harmless"], "--both-orders", "--samples", samples, "--max-new-tokens", a.max_new_tokens,
-                 "--batch-size", 16, "--seed", a.seed, "--dtype", a.dtype, "--out", edir, *quiet])
+                 files["hh_harmless"], "--both-orders", "--samples", samples,
+                 "--max-new-tokens", a.max_new_tokens, "--batch-size", 16, "--seed", a.seed,
+                 "--dtype", a.dtype, "--out", edir, *quiet])
         ev = json.loads((edir / "results.json").read_text())
         results[name] = {"samples": samples, "judge": judge, "train_s": train_s, "eval_s": ev["seconds"],
                          "files": ev["results"]}

@@ -29,16 +29,23 @@ from scores import KS, fmt_acc
 
 EVAL_SPLITS = ("id", "ood", "ood_errors")  # world.py's held-out levels: 1-3 digits, 4 digits, new error kinds
 BASE_COT, BASE_GENRM = "LLM-as-a-judge (base, CoT)", "GenRM (base, zero-shot)"
+# STaR-SFT keeps every rationale whose verdict is right (6,000-7,400 of 8,000 per iteration here)
+# where STaR-DPO makes 200-700 pairs of them: at the recipe's two epochs it trained for 8 minutes,
+# its random-filter control as long, while every other row trained in 1-4. One epoch over what it
+# keeps (still 2-3 times STaR-DPO's optimizer steps) brings the comparison inside 30 minutes; the
+# main job and train.py alone keep two.
+STAR_SFT_EPOCHS = ["--epochs", 1]
 # (row, train.py --method or None for the base judge, extra train.py flags, eval.py --judge,
 #  the judge it is compared with)
 ROWS = [(BASE_GENRM, None, [], "genrm", None),
         (BASE_COT, None, [], "cot", None),
         ("Bradley-Terry RM (Eq. 2)", "bt_rm", [], "bt", BASE_COT),
         ("GenRM (Eq. 7)", "genrm", [], "genrm", BASE_GENRM),
-        ("STaR-SFT", "star_sft", [], "cot", BASE_COT),
+        ("STaR-SFT", "star_sft", STAR_SFT_EPOCHS, "cot", BASE_COT),
         ("STaR-DPO", "star_dpo", [], "cot", BASE_COT),
         ("STaR-Rationalizer (Eq. 8)", "rationalizer", [], "cot", BASE_COT),
-        ("control: STaR-SFT, random filter", "star_sft", ["--star-filter", "random"], "cot", BASE_COT),
+        ("control: STaR-SFT, random filter", "star_sft", [*STAR_SFT_EPOCHS, "--star-filter", "random"], "cot",
+         BASE_COT),
         ("control: SFT on true rationales (ceiling)", "sft", [], "cot", BASE_COT)]
 
 
@@ -67,7 +74,8 @@ def true_rationales(pairs_file, out, seed):
     rows = []
     for pair, a_is_chosen in zip(pairs, genrm.seeded_orders(pairs, seed)):
         messages = genrm.judge_messages(pair, a_is_chosen, "cot")
-        rows.append({"id": pair.id, "messages": messages, "completion": world.true_rationale({"messages": messages})})
+        rows.append({"id": pair.id, "messages": messages,
+                     "completion": world.true_rationale({"messages": messages})})
     write_jsonl(out, rows)
 
 
@@ -89,7 +97,8 @@ def table(results: dict, files: dict, samples: int) -> str:
     head = [f"{split} {label}" for split in EVAL_SPLITS for label, _ in keys]
     lines = ["| judge | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for name, res in results.items():
-        lines.append(f"| {name} | " + " | ".join(fmt_acc(*_acc(res, names[s], k)) for s in EVAL_SPLITS for _, k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt_acc(*_acc(res, names[s], k))
+                                                 for s in EVAL_SPLITS for _, k in keys) + " |")
     cols = [f"{split} {key}" for split in EVAL_SPLITS for key in ("maj@1", "maj@N")]
     lines += ["", "| judge | compared with | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, _, _, _, vs in ROWS:
@@ -111,7 +120,8 @@ def table(results: dict, files: dict, samples: int) -> str:
             v = res["files"][names[split]]["per_category"]["all"]
             lines.append(f"| {name} | " + " | ".join(fmt_acc(v["maj@k"][str(k)], v["ci"]["maj@k"][str(k)])
                                                    for k in ks) + " |")
-    lines += ["", "| judge | eval set | forced verdicts | parse failures | acc chosen as A | acc chosen as B |",
+    lines += ["",
+              "| judge | eval set | forced verdicts | parse failures | acc chosen as A | acc chosen as B |",
               "|---|---|---|---|---|---|"]
     for name, res in results.items():
         for split in EVAL_SPLITS:
@@ -122,7 +132,8 @@ def table(results: dict, files: dict, samples: int) -> str:
                              f"{_rate(s.get('parse_failure_rate'))} | {_rate(p['acc_chosen_as_A'])} | "
                              f"{_rate(p['acc_chosen_as_B'])} |")
     lines += ["", "| judge | training | evaluation |", "|---|---|---|"]
-    lines += [f"| {name} | {_minutes(res['train_s'])} | {_minutes(res['eval_s'])} |" for name, res in results.items()]
+    lines += [f"| {name} | {_minutes(res['train_s'])} | {_minutes(res['eval_s'])} |"
+              for name, res in results.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -152,8 +163,8 @@ def main(a):
             write_jsonl(path, world.make_pairs(sizes[split], a.seed, split))
         have = sum(1 for _ in read_jsonl(path))
         if have != sizes[split]:
-            raise SystemExit(f"{path}: holds {have} pairs, {sizes[split]} asked: this --out was started with other "
-                             "sizes (give those, or a new --out)")
+            raise SystemExit(f"{path}: holds {have} pairs, {sizes[split]} asked: this --out was started with "
+                             "other sizes (give those, or a new --out)")
     true_file = out / "data" / "true_rationales.jsonl"
     if not true_file.exists():
         true_rationales(files["train"], true_file, a.seed)
@@ -164,19 +175,20 @@ def main(a):
     for name, method, extra, judge, _ in ROWS:
         model, train_s = base, None
         if method:
-            tdir = out / "train" / (method + "".join("_" + x.lstrip("-") for x in extra))
+            tdir = out / "train" / (method + "".join("_" + str(x).lstrip("-") for x in extra))
             if not (tdir / "report.json").exists():
                 data = true_file if method == "sft" else files["train"]
-                run(["train.py", "--method", method, "--model", base, "--data", data, "--no-eval", "--out", tdir,
-                     "--seed", a.seed, *recipe_flags(method), *extra, *quiet, *(["--resume"] if tdir.exists() else [])])
+                run(["train.py", "--method", method, "--model", base, "--data", data, "--no-eval",
+                     "--out", tdir, "--seed", a.seed, *recipe_flags(method), *extra, *quiet,
+                     *(["--resume"] if tdir.exists() else [])])
             rep = json.loads((tdir / "report.json").read_text())
             model, train_s = rep["final_model"], rep["seconds"]
         samples = a.cot_samples if judge == "cot" else 1
         edir = out / "eval" / (tdir.name if method else f"base-{judge}")
         if not (edir / "results.json").exists():
-            run(["eval.py", "--model", model, "--judge", judge, "--data", *(files[s] for s in EVAL_SPLITS), "--both-orders",
-                 "--samples", samples, "--max-new-tokens", max_new, "--batch-size", 64, "--seed", a.seed + 1,
-                 "--dtype", "float32", "--out", edir, *quiet])
+            run(["eval.py", "--model", model, "--judge", judge, "--data", *(files[s] for s in EVAL_SPLITS),
+                 "--both-orders", "--samples", samples, "--max-new-tokens", max_new, "--batch-size", 64,
+                 "--seed", a.seed + 1, "--dtype", "float32", "--out", edir, *quiet])
         ev = json.loads((edir / "results.json").read_text())
         results[name] = {"judge": judge, "samples": samples, "train_s": train_s, "eval_s": ev["seconds"],
                          "files": ev["results"]}
@@ -185,5 +197,5 @@ def main(a):
                "seconds_this_invocation": round(time.time() - t0, 1), "results": results}
     write_json(out / "comparison.json", summary)
     write_text(out / "comparison.md", md)
-    print(md + f"\nwritten: {out}/comparison.md, comparison.json ({summary['seconds_this_invocation']} s this "
-          "invocation)")
+    print(md + f"\nwritten: {out}/comparison.md, comparison.json ({summary['seconds_this_invocation']} s "
+          "this invocation)")
