@@ -44,7 +44,8 @@ def decode_flops(m, rows, context):
     """FLOPs of one decode step of `rows` rows over `context` cache slots: every linear weight
     (lm_head included) once per row, plus q.k and p.v over the slots."""
     c = m.config
-    lin = sum(p.numel() for k, p in m.named_parameters() if k.endswith("proj.weight")) + m.lm_head.weight.numel()
+    lin = (sum(p.numel() for k, p in m.named_parameters() if k.endswith("proj.weight"))
+           + m.lm_head.weight.numel())
     return 2 * rows * lin + 4 * rows * c.num_hidden_layers * c.num_attention_heads * c.head_dim * context
 
 
@@ -75,9 +76,11 @@ def decode_step_case(m, prompt, n, repeats, steps=16, graphs=False, share=True):
     dev = m.lm_head.weight.device
     e = Engine(m, n, len(prompt) + steps * (repeats + 1) + 1)
     logits = prefill(e, [prompt], torch.zeros(1, dtype=torch.long, device=dev), 0).repeat(n, 1)
-    e.copy_cache_rows(torch.zeros(n - 1, dtype=torch.long, device=dev), torch.arange(1, n, device=dev), len(prompt))
+    e.copy_cache_rows(torch.zeros(n - 1, dtype=torch.long, device=dev), torch.arange(1, n, device=dev),
+                      len(prompt))
     e.share_prefix(len(prompt) if share else 0)  # as the sampler does: the prompt read once per step
-    st = {"tok": pick_next(logits, 1.0, 0.95, torch.rand(n, device=dev)), "pos": torch.full((n,), len(prompt), device=dev)}
+    st = {"tok": pick_next(logits, 1.0, 0.95, torch.rand(n, device=dev)),
+          "pos": torch.full((n,), len(prompt), device=dev)}
     graphed = GraphedDecode(e) if graphs else None
 
     def run():
@@ -97,13 +100,15 @@ def decode_step_case(m, prompt, n, repeats, steps=16, graphs=False, share=True):
 
 SHAPES = {
     "smollm2-135m": LlamaConfig(rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
-    "llama3.1-8b": LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                               head_dim=128, intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
+    "llama3.1-8b": LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, intermediate_size=14336,
+                               vocab_size=128256, rope_theta=500000.0,
                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                                             "high_freq_factor": 4.0,
+                                             "original_max_position_embeddings": 8192},
                                max_position_embeddings=131072),
-    "tiny": LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                        intermediate_size=128, vocab_size=512),  # a CPU check of this code
+    "tiny": LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, intermediate_size=128, vocab_size=512),  # a CPU check of this code
 }
 
 
@@ -166,28 +171,31 @@ def bench_sample_cuda(a):
                 theirs = hf.generate(torch.tensor([chat], device=dev), max_new_tokens=64, do_sample=False,
                                      pad_token_id=0)[0, len(chat):].tolist()
             same = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), len(ours))
-            print(json.dumps({"shape": shape, "fp32_max_abs_logit_diff_vs_hf": d, "greedy_same_leading_tokens": same,
-                              "of": len(ours)}))
+            print(json.dumps({"shape": shape, "fp32_max_abs_logit_diff_vs_hf": d,
+                              "greedy_same_leading_tokens": same, "of": len(ours)}))
             del hf, m
         hf, m = random_models(cfg, dev, torch.bfloat16)
         cases = [(f"{c}{', CUDA graphs' if gr else ', eager'}", p, k, temp, gr) for c, p, k, temp in
-                 (("chat, greedy, n=1", chat, 1, 0.0), ("judge, n=8, top-p 0.95", judge, n, 1.0)) for gr in (False, True)]
+                 (("chat, greedy, n=1", chat, 1, 0.0), ("judge, n=8, top-p 0.95", judge, n, 1.0))
+                 for gr in (False, True)]
         for name, prompt, k, temp, gr in cases:
+            # pyflakes flags m and hf (F821) for the later `del hf, m`, but these closures only run before it.
             def ours_run():
                 sample.CUDA_GRAPHS = gr
-                generate(m, [prompt], n=k, max_new_tokens=new, temperature=temp, top_p=0.95, progress=False)
+                generate(m, [prompt], n=k, max_new_tokens=new, temperature=temp, top_p=0.95, progress=False)  # noqa: F821
                 _sync(dev)
 
             def hf_run():
                 with torch.no_grad():
-                    hf.generate(torch.tensor([prompt], device=dev), max_new_tokens=new, min_new_tokens=new,
+                    hf.generate(torch.tensor([prompt], device=dev), max_new_tokens=new, min_new_tokens=new,  # noqa: F821
                                 do_sample=temp > 0, num_return_sequences=k, top_p=0.95 if temp else None,
                                 temperature=1.0 if temp else None, top_k=None, pad_token_id=0)
                 _sync(dev)
             ours_run(), hf_run()  # warm-up
             o, h = timed(ours_run, a.repeats), timed(hf_run, a.repeats)
-            rows.append({"shape": shape, "case": name, "ours_tok_s": k * new / o[0], "ours_tok_s_median": k * new / o[1],
-                         "hf_tok_s": k * new / h[0], "hf_tok_s_median": k * new / h[1], "ratio_vs_hf": h[0] / o[0]})
+            rows.append({"shape": shape, "case": name, "ours_tok_s": k * new / o[0],
+                         "ours_tok_s_median": k * new / o[1], "hf_tok_s": k * new / h[0],
+                         "hf_tok_s_median": k * new / h[1], "ratio_vs_hf": h[0] / o[0]})
             print(json.dumps(rows[-1]))
         bw = device_bandwidth(dev)
         wbytes = sum(p.numel() * p.element_size() for p in m.parameters())
@@ -198,13 +206,15 @@ def bench_sample_cuda(a):
                           "limit_ms": wbytes / bw * 1e3, "ratio_to_limit": t[0] * bw / wbytes})
             print(json.dumps(steps[-1]))
         del hf, m
-    print(f"\nbf16 on {torch.cuda.get_device_name() if dev == 'cuda' else dev}, random weights, {new} new tokens\n")
+    print(f"\nbf16 on {torch.cuda.get_device_name() if dev == 'cuda' else dev}, random weights, "
+          f"{new} new tokens\n")
     print("| shape | case | ours tok/s (best / median) | HF generate tok/s (best / median) | ours / HF |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['case']} | {r['ours_tok_s']:.0f} / {r['ours_tok_s_median']:.0f} | "
               f"{r['hf_tok_s']:.0f} / {r['hf_tok_s_median']:.0f} | {r['ratio_vs_hf']:.2f}x |")
-    print("\n| shape | decode step, 8 rows, ms (best / median) | weights GB | bandwidth GB/s | limit ms | step / limit |")
+    print("\n| shape | decode step, 8 rows, ms (best / median) | weights GB | bandwidth GB/s | limit ms | "
+          "step / limit |")
     print("|---|---|---|---|---|---|")
     for r in steps:
         print(f"| {r['shape']} | {r['step_ms']:.2f} / {r['step_ms_median']:.2f} | {r['weight_gb']:.2f} | "
@@ -232,16 +242,19 @@ def bench_train_cuda(a):
     bf16 autocast, AdamW) on fewer layers; each with and without activation checkpointing."""
     dev = a.device
     x = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    peak = 2 * 8192 ** 3 / _cuda_timed(lambda: x @ x, 10)[0] if dev == "cuda" else float("nan")
+    # pyflakes flags x (F821) for the `del x` below, but the lambda only runs before it.
+    peak = 2 * 8192 ** 3 / _cuda_timed(lambda: x @ x, 10)[0] if dev == "cuda" else float("nan")  # noqa: F821
     del x
     g = torch.Generator().manual_seed(0)
     rows = []
-    for recipe, layers in (("bf16 weights, SGD", a.layers), ("fp32 master, bf16 autocast, AdamW", a.layers_adamw)):
+    for recipe, layers in (("bf16 weights, SGD", a.layers),
+                           ("fp32 master, bf16 autocast, AdamW", a.layers_adamw)):
         cfg = LlamaConfig(**{**SHAPES[a.shape].__dict__, "num_hidden_layers": layers})
         V = cfg.vocab_size
         batch = [Example(torch.randint(10, V, (a.prompt_tokens,), generator=g).tolist(),
                          torch.randint(10, V, (a.completion_tokens,), generator=g).tolist(),
-                         torch.randint(10, V, (a.completion_tokens,), generator=g).tolist()) for _ in range(a.pairs)]
+                         torch.randint(10, V, (a.completion_tokens,), generator=g).tolist())
+                 for _ in range(a.pairs)]
         adamw = "AdamW" in recipe
         _, m = random_models(cfg, dev, torch.float32 if adamw else torch.bfloat16, hf=False)
         with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=adamw):
@@ -255,12 +268,13 @@ def bench_train_cuda(a):
         for ck in (False, True):
             m.checkpointing = ck
 
+            # pyflakes flags m and opt (F821) for the later `del m, opt`, but step only runs before it.
             def step():
                 with torch.autocast(dev, dtype=torch.bfloat16, enabled=adamw):
-                    loss = step_dpo(m, batch, 0)[0]
+                    loss = step_dpo(m, batch, 0)[0]  # noqa: F821
                 (loss / len(batch)).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                opt.step()  # noqa: F821
+                opt.zero_grad(set_to_none=True)  # noqa: F821
                 _sync(dev)
             try:
                 step()  # warm-up
@@ -268,9 +282,10 @@ def bench_train_cuda(a):
                     torch.cuda.reset_peak_memory_stats()
                 t = timed(step, a.repeats)
                 mem = torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else float("nan")
-                rows.append({"recipe": recipe, "layers": layers, "checkpointing": ck, "s": t[0], "s_median": t[1],
-                             "tflops": flops / t[0] / 1e12, "mfu_measured": flops / t[0] / peak,
-                             "mfu_989": flops / t[0] / 989e12, "peak_gib": mem})
+                rows.append({"recipe": recipe, "layers": layers, "checkpointing": ck, "s": t[0],
+                             "s_median": t[1], "tflops": flops / t[0] / 1e12,
+                             "mfu_measured": flops / t[0] / peak, "mfu_989": flops / t[0] / 989e12,
+                             "peak_gib": mem})
             except torch.OutOfMemoryError:
                 rows.append({"recipe": recipe, "layers": layers, "checkpointing": ck, "oom": True})
                 opt.zero_grad(set_to_none=True)
@@ -278,15 +293,16 @@ def bench_train_cuda(a):
         del m, opt
         if dev == "cuda":
             torch.cuda.empty_cache()
-    print(f"\nDPO step on a {a.shape} shape, random weights, {a.pairs} pairs of {a.prompt_tokens}-token prompts "
-          f"and {a.completion_tokens} + {a.completion_tokens} completion tokens, packed; bf16 matmul peak measured "
-          f"{peak / 1e12:.0f} TFLOP/s (8192^3)\n")
-    print("| recipe | layers | activation checkpointing | step s (best / median) | model TFLOP/s | MFU (measured peak) "
-          "| MFU (989 TFLOP/s) | peak GiB |")
+    print(f"\nDPO step on a {a.shape} shape, random weights, {a.pairs} pairs of "
+          f"{a.prompt_tokens}-token prompts and {a.completion_tokens} + {a.completion_tokens} completion "
+          f"tokens, packed; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s (8192^3)\n")
+    print("| recipe | layers | activation checkpointing | step s (best / median) | model TFLOP/s "
+          "| MFU (measured peak) | MFU (989 TFLOP/s) | peak GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("oom"):
             print(f"| {r['recipe']} | {r['layers']} | {r['checkpointing']} | out of memory | | | | |")
             continue
-        print(f"| {r['recipe']} | {r['layers']} | {r['checkpointing']} | {r['s']:.3f} / {r['s_median']:.3f} | "
-              f"{r['tflops']:.0f} | {r['mfu_measured']:.1%} | {r['mfu_989']:.1%} | {r['peak_gib']:.1f} |")
+        print(f"| {r['recipe']} | {r['layers']} | {r['checkpointing']} | "
+              f"{r['s']:.3f} / {r['s_median']:.3f} | {r['tflops']:.0f} | {r['mfu_measured']:.1%} | "
+              f"{r['mfu_989']:.1%} | {r['peak_gib']:.1f} |")

@@ -58,7 +58,8 @@ def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=True, max_ne
         for r, m in zip(recs, dist.shard_map(margins, ex)):
             r["margin"] = m
         return recs
-    order_sets = [[True] * len(pairs), [False] * len(pairs)] if both_orders else [genrm.seeded_orders(pairs, seed)]
+    order_sets = ([[True] * len(pairs), [False] * len(pairs)] if both_orders
+                  else [genrm.seeded_orders(pairs, seed)])
     for orders in order_sets:  # orders[i]: the chosen answer of pair i is A
         if judge == "genrm":
             res = [{"p": x} for x in genrm.p_chosen(model, tok, pairs, orders, batch_size=batch_size,
@@ -66,8 +67,8 @@ def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=True, max_ne
         elif judge == "cot":
             # seeds are per pair (seed + index), identical for both orders' calls and any batch size
             res = genrm.cot_judge_sharded(model, tok, pairs, orders, n=samples, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, top_p=top_p, seed=seed, prompt_batch=batch_size,
-                                          progress=progress)
+                                          temperature=temperature, top_p=top_p, seed=seed,
+                                          prompt_batch=batch_size, progress=progress)
             res = [{"votes": [[x["verdict"], x["forced"]] for x in s]} for s in res]
         else:
             raise ValueError(f"unknown judge {judge!r}")
@@ -109,15 +110,17 @@ def judge_report(model, tok, pairs, *, title, samples, max_new_tokens, seed, pro
     if counts.skipped and dist.rank() == 0:
         print(f"[{title}] held-out pairs: {counts}")
     if not pairs:
-        raise ValueError(f"no held-out pair fits the model's {model.config.max_position_embeddings} positions")
+        raise ValueError(f"no held-out pair fits the model's {model.config.max_position_embeddings} "
+                         "positions")
     recs = judge_pairs(model, tok, pairs, "cot", samples=samples, both_orders=True, batch_size=prompt_batch,
                        max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     s = summarize(pairs, recs)
     al = s["per_category"]["all"]
     if dist.rank() == 0:
         print(f"[{title}] held-out judge accuracy (CoT, maj@{samples}, both orders, n={len(pairs)}): "
-              f"{fmt_acc(al['maj@N'], al['ci']['maj@N'])}  | length baseline {al['longer']:.3f}  | forced verdicts "
-              f"{s.get('forced_rate', 0):.2f}, parse failures {s.get('parse_failure_rate', 0):.2f}")
+              f"{fmt_acc(al['maj@N'], al['ci']['maj@N'])}  | length baseline {al['longer']:.3f}  | "
+              f"forced verdicts {s.get('forced_rate', 0):.2f}, "
+              f"parse failures {s.get('parse_failure_rate', 0):.2f}")
     return s
 
 
@@ -174,7 +177,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     an unset flag, are said in words by the help text where they mean something)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+        return (action.help if action.default is None or action.default is False
+                else super()._get_help_string(action))
 
 
 def number(kind, low=None, *, above=None, high=None):
@@ -188,7 +192,8 @@ def number(kind, low=None, *, above=None, high=None):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if kind is float and not math.isfinite(x):
             raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        for bad, rule in ((low is not None and x < low, f">= {low}"), (above is not None and x <= above, f"> {above}"),
+        for bad, rule in ((low is not None and x < low, f">= {low}"),
+                          (above is not None and x <= above, f"> {above}"),
                           (high is not None and x > high, f"<= {high}")):
             if bad:
                 raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
@@ -238,8 +243,10 @@ def _read_inputs(a):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="HF-format model directory or 'smollm2-135m-instruct'")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or a directory holding one (default: the model's)")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help="HF-format model directory or 'smollm2-135m-instruct'")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer.json or a directory holding one (default: the model's)")
     ap.add_argument("--judge", choices=("genrm", "cot", "bt"), default="cot",
                     help="genrm: indicator-token probability (Fig. 8); cot: sampled rationales + verdict "
                          "(Fig. 6); bt: scalar-head reward difference")
@@ -247,25 +254,30 @@ def main(argv=None):
     ap.add_argument("--samples", type=number(int, 1), default=1, help="CoT samples per pair (maj@N)")
     o = ap.add_mutually_exclusive_group()
     o.add_argument("--both-orders", action="store_true",
-                   help="judge each pair with the chosen answer as A and as B (the default; a judge that always "
-                        "answers A scores 0.5)")
+                   help="judge each pair with the chosen answer as A and as B (the default; a judge that "
+                        "always answers A scores 0.5)")
     o.add_argument("--single-order", action="store_true",
-                   help="judge each pair once, the chosen answer's letter drawn per pair with --seed (as in training)")
+                   help="judge each pair once, the chosen answer's letter drawn per pair with --seed "
+                        "(as in training)")
     ap.add_argument("--max-new-tokens", type=number(int, 1), default=256, help="CoT rationale length cap")
     ap.add_argument("--temperature", type=number(float, 0), default=1.0,
                     help="CoT sampling temperature, 0 = greedy (paper: 1.0)")
-    ap.add_argument("--top-p", type=number(float, above=0, high=1), default=0.95, help="CoT nucleus sampling (paper: 0.95)")
-    ap.add_argument("--limit", type=number(int, 1), default=None, help="seeded random subset of this many pairs per file")
+    ap.add_argument("--top-p", type=number(float, above=0, high=1), default=0.95,
+                    help="CoT nucleus sampling (paper: 0.95)")
+    ap.add_argument("--limit", type=number(int, 1), default=None,
+                    help="seeded random subset of this many pairs per file")
     ap.add_argument("--seed", type=int, default=0, help="seed for subsets, single orders and sampling")
     ap.add_argument("--batch-size", type=number(int, 1), default=4,
                     help="prompts per forward / prefill (results do not depend on it)")
-    ap.add_argument("--best-of-n", metavar="FILE", help="candidates JSONL (e.g. bon_alpacaeval_tulu2dpo13b.jsonl)")
+    ap.add_argument("--best-of-n", metavar="FILE",
+                    help="candidates JSONL (e.g. bon_alpacaeval_tulu2dpo13b.jsonl)")
     ap.add_argument("--out", default=None,
                     help="run directory (default runs/eval-<time>); a finished one is never overwritten")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                     help="model dtype for judging (default: bfloat16 on CUDA, float32 on CPU)")
-    ap.add_argument("--threads", type=number(int, 1), default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=number(int, 1), default=None,
+                    help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     a = ap.parse_args(argv)
     if a.threads:
@@ -280,13 +292,16 @@ def main(argv=None):
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
     model = Llama.from_pretrained(a.model, dtype=dtype, device=a.device).eval()
     if a.judge == "bt" and model.score is None:
-        sys.exit(f"{a.model}: --judge bt needs a checkpoint with a scalar head (score.weight); train one with --method bt_rm")
+        sys.exit(f"{a.model}: --judge bt needs a checkpoint with a scalar head (score.weight); "
+                 "train one with --method bt_rm")
     results, t0 = {}, time.time()
     for f, (pairs, counts) in data.items():
-        pairs = fitting_pairs(model, tok, pairs, a.judge, a.max_new_tokens, counts)  # over-long: counted skips
+        # Over-long pairs are dropped and counted as skips.
+        pairs = fitting_pairs(model, tok, pairs, a.judge, a.max_new_tokens, counts)
         print(f"{f}: {counts}")
         if not pairs:
-            raise SystemExit(f"error: {f}: no pair fits the model's {model.config.max_position_embeddings} positions")
+            raise SystemExit(f"error: {f}: no pair fits the model's "
+                             f"{model.config.max_position_embeddings} positions")
         recs = judge_pairs(model, tok, pairs, a.judge, samples=a.samples, both_orders=not a.single_order,
                            max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                            seed=a.seed, batch_size=a.batch_size, progress=not a.no_progress)

@@ -197,15 +197,17 @@ def majority_vote(verdicts):
 
 
 def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temperature=1.0, top_p=0.95,
-              seed=0, force="argmax", prompt_batch=4, progress=True, prompt_kind="cot", verdict_temperature=1.0):
+              seed=0, force="argmax", prompt_batch=4, progress=True, prompt_kind="cot",
+              verdict_temperature=1.0):
     """Sample n judge rationales per (pair, order) from one prefill each and read the verdicts.
     Returns, per pair, a list of n dicts {completion, verdict, forced} where `forced` marks a
     verdict obtained by forced_verdicts when no [[A]]/[[B]] was written (force: "argmax",
-    "sample" at `verdict_temperature`, or None for no forcing). Seeds are per pair (an int: seed + pair index in this
-    call; or a list), so batch size does not change results."""
+    "sample" at `verdict_temperature`, or None for no forcing). Seeds are per pair (an int: seed +
+    pair index in this call; or a list), so batch size does not change results."""
     seeds = [seed + i for i in range(len(pairs))] if isinstance(seed, int) else list(seed)
     prompts = [tok.apply_chat(judge_messages(p, o, prompt_kind)) for p, o in zip(pairs, a_is_chosen)]
-    then = dict(then=tok.encode(VERDICT_PREFIX), then_ids=[tok.token_id("A"), tok.token_id("B")]) if force else {}
+    then = (dict(then=tok.encode(VERDICT_PREFIX), then_ids=[tok.token_id("A"), tok.token_id("B")]) if force
+            else {})
     outs = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     stop_ids=tok.stop_ids, seed=seeds, prompt_batch=prompt_batch, progress=progress, **then)
     res = [[{"completion": tok.decode(c.tokens), "ab": c.then_logits} for c in o] for o in outs]
@@ -246,7 +248,8 @@ def split_pairs(pairs, k, seed):
 
 
 def sample_rationales(model, tok, pairs, *, n, max_new_tokens, seed, temperature=1.0, top_p=0.95,
-                      force="sample", both_orders=False, verdict_temperature=1.0, prompt_batch=4, progress=True):
+                      force="sample", both_orders=False, verdict_temperature=1.0, prompt_batch=4,
+                      progress=True):
     """STaR sampling on one split: a seeded random A/B order per pair (with both_orders, each pair
     in its seeded order and then the other one, so right and wrong rationales also come from the
     position the model is biased against), n rationales per (pair, order) from the CoT judge
@@ -255,8 +258,8 @@ def sample_rationales(model, tok, pairs, *, n, max_new_tokens, seed, temperature
     orders = seeded_orders(pairs, seed)
     if both_orders:
         pairs, orders = [p for p in pairs for _ in (0, 1)], [x for o in orders for x in (o, not o)]
-    res = cot_judge_sharded(model, tok, pairs, orders, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, seed=seed, force=force, progress=progress,
+    res = cot_judge_sharded(model, tok, pairs, orders, n=n, max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_p=top_p, seed=seed, force=force, progress=progress,
                             verdict_temperature=verdict_temperature, prompt_batch=prompt_batch)
     rows = []
     for p, o, r in zip(pairs, orders, res):
@@ -303,7 +306,8 @@ def star_dpo_pairs(samples, *, pairs_per_prompt=1, seed=0):
         rng.shuffle(good)
         rng.shuffle(bad)
         for w, l in list(zip(good, bad))[:pairs_per_prompt]:
-            out.append({"id": pid, "messages": w["messages"], "chosen": training_text(w), "rejected": training_text(l)})
+            out.append({"id": pid, "messages": w["messages"], "chosen": training_text(w),
+                        "rejected": training_text(l)})
     return out
 
 
@@ -312,7 +316,8 @@ def random_filter(samples, k, seed):
     as the label filter kept), so that a gain can be credited to the label, not to the amount of
     self-generated text trained on. Returns SFT rows, in sample order."""
     keep = sorted(random.Random(seed).sample(range(len(samples)), min(k, len(samples))))
-    return [{"id": samples[i]["id"], "messages": samples[i]["messages"], "completion": training_text(samples[i])}
+    return [{"id": samples[i]["id"], "messages": samples[i]["messages"],
+             "completion": training_text(samples[i])}
             for i in keep]
 
 
@@ -327,7 +332,8 @@ def random_dpo_pairs(samples, k, seed):
     rng.shuffle(keys)
     for key in keys[:k]:
         w, l = rng.sample(groups[key], 2)
-        out.append({"id": w["id"], "messages": w["messages"], "chosen": training_text(w), "rejected": training_text(l)})
+        out.append({"id": w["id"], "messages": w["messages"], "chosen": training_text(w),
+                    "rejected": training_text(l)})
     return out
 
 

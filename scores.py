@@ -16,7 +16,8 @@ import genrm
 import stats
 
 SECTIONS = ("chat", "chat_hard", "safety", "reasoning")
-METRICS = ("maj@1", "maj@N", "pooled", "longer")  # per-pair scores: first vote, majority, both orders pooled, length baseline
+# Per-pair scores: first vote, majority, both orders pooled, length baseline.
+METRICS = ("maj@1", "maj@N", "pooled", "longer")
 KS = (1, 2, 4, 8, 16)  # the maj@k curve (paper Fig. 5): the majority of each judgement's first k votes
 
 
@@ -109,7 +110,8 @@ def _accuracies(pp, idx, weights=None) -> dict:
         out[m], ci[m] = _accuracy([pp[m][i] for i in idx], groups, weights)
     if pp["maj@k"]:
         curve = {k: _accuracy([v[i] for i in idx], groups, weights) for k, v in pp["maj@k"].items()}
-        out["maj@k"], ci["maj@k"] = {k: a for k, (a, _) in curve.items()}, {k: c for k, (_, c) in curve.items()}
+        out["maj@k"], ci["maj@k"] = ({k: a for k, (a, _) in curve.items()},
+                                     {k: c for k, (_, c) in curve.items()})
     out["ci"] = ci
     return out
 
@@ -129,7 +131,8 @@ def summarize(pairs, recs) -> dict:
     the per-pair scores ("per_pair", in the order of `pairs`) for paired comparisons. For maj@1 /
     maj@N / maj@k a pair judged in both orders counts as the mean of its two judgements."""
     # the curve needs votes in every judgement (GenRM's p and BT's margin have none)
-    n_min = min((len(j.get("votes", ())) for r in recs for j in r.get("order", {"bt": {}}).values()), default=0)
+    n_min = min((len(j.get("votes", ())) for r in recs for j in r.get("order", {"bt": {}}).values()),
+                default=0)
     pp = {"id": [], "group": [], **{m: [] for m in METRICS}, "maj@k": {str(k): [] for k in KS if k <= n_min}}
     pos = {"A": [], "B": []}
     swaps, n_votes, n_fail, n_forced, n_tie, n_none, n_judg = [], 0, 0, 0, 0, 0, 0
@@ -166,12 +169,14 @@ def summarize(pairs, recs) -> dict:
             members[c].append(i)
     pc = {c: _accuracies(pp, idx) for c, idx in sorted(members.items())}
     if "reasoning/math" in pc and "reasoning/code" in pc:  # RewardBench: the mean of the two halves
-        pc["reasoning"] = _accuracies(pp, members["reasoning"], section_weights(["reasoning/math", "reasoning/code"]))
+        pc["reasoning"] = _accuracies(pp, members["reasoning"],
+                                      section_weights(["reasoning/math", "reasoning/code"]))
     out = {"n": len(pairs), "per_category": pc}
     secs = [s for s in SECTIONS if s in pc]
     if secs:
         idx = [i for s in secs for i in members[s]]
-        out["sections"] = {**_accuracies(pp, idx, section_weights(pp["group"][i] for i in idx)), "present": secs}
+        out["sections"] = {**_accuracies(pp, idx, section_weights(pp["group"][i] for i in idx)),
+                           "present": secs}
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     if n_judg:
         out["position"] = {"acc_chosen_as_A": mean(pos["A"]), "acc_chosen_as_B": mean(pos["B"]),
@@ -197,17 +202,23 @@ def markdown(results: dict) -> str:
     mean last), the maj@k curve when more than one k was taken, and the judge diagnostics."""
     lines = []
     for f, r in results.items():
-        rows = list(r["per_category"].items()) + ([("RewardBench sections (mean)", r["sections"])] if "sections" in r else [])
+        rows = list(r["per_category"].items()) + ([("RewardBench sections (mean)", r["sections"])]
+                                                  if "sections" in r else [])
         lines.append(f"### {f}\n\n| category | n | maj@1 | maj@N | both orders pooled | longer answer |\n"
                      "|---|---|---|---|---|---|")
         for c, v in rows:
-            lines.append(f"| {c} | {v['n']} | " + " | ".join(fmt_acc(v[m], v["ci"][m]) for m in METRICS) + " |")
+            lines.append(f"| {c} | {v['n']} | "
+                         + " | ".join(fmt_acc(v[m], v["ci"][m]) for m in METRICS) + " |")
         ks = list(rows[0][1].get("maj@k", {})) if rows else []
         if len(ks) > 1:
-            lines.append("\n| category | " + " | ".join(f"maj@{k}" for k in ks) + " |\n|---|" + "---|" * len(ks))
+            lines.append("\n| category | " + " | ".join(f"maj@{k}" for k in ks) + " |\n|---|"
+                         + "---|" * len(ks))
             for c, v in rows:
-                lines.append(f"| {c} | " + " | ".join(fmt_acc(v["maj@k"][k], v["ci"]["maj@k"][k]) for k in ks) + " |")
-        extra = {k: r[k] for k in ("position", "tie_rate", "no_verdict_rate", "parse_failure_rate", "forced_rate") if k in r}
+                lines.append(f"| {c} | "
+                             + " | ".join(fmt_acc(v["maj@k"][k], v["ci"]["maj@k"][k]) for k in ks) + " |")
+        extra = {k: r[k]
+                 for k in ("position", "tie_rate", "no_verdict_rate", "parse_failure_rate", "forced_rate")
+                 if k in r}
         if extra:
             lines.append("\n" + "\n".join(f"- {k}: {json.dumps(v)}" for k, v in extra.items()))
         lines.append("")

@@ -52,7 +52,8 @@ def _weights(strata, weights):
 
 
 def _quantiles(x: np.ndarray, level: float) -> tuple[float, float]:
-    lo, hi = np.quantile(x, [(1 - level) / 2, (1 + level) / 2])  # linear interpolation between order statistics
+    # Linear interpolation between order statistics.
+    lo, hi = np.quantile(x, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
@@ -85,7 +86,8 @@ def paired_bootstrap(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]],
     1 - level about when the interval excludes 0 (resampled differences equal to 0 count on both
     sides, so it is conservative for discrete scores)."""
     if [len(s) for s in a] != [len(s) for s in b]:
-        raise ValueError(f"paired_bootstrap: stratum sizes differ: {[len(s) for s in a]} vs {[len(s) for s in b]}")
+        raise ValueError(f"paired_bootstrap: stratum sizes differ: {[len(s) for s in a]} "
+                         f"vs {[len(s) for s in b]}")
     diff = [np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64) for x, y in zip(a, b)]
     w = _weights(diff, weights)
     d = sum(wg * m for wg, m in zip(w, _strata_means(diff, resamples, seed)))  # (R,)

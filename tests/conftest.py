@@ -31,10 +31,10 @@ def golden(*parts):
 
 
 def tiny_config(**kw):
-    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                intermediate_size=96, vocab_size=300, rms_norm_eps=1e-5, rope_theta=500000.0,
-                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 64},
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=96, vocab_size=300, rms_norm_eps=1e-5, rope_theta=500000.0,
+                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
                 tie_word_embeddings=False, max_position_embeddings=512)
     base.update(kw)
     return LlamaConfig(**base)

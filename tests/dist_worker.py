@@ -11,8 +11,8 @@ import torch  # noqa: E402
 import dist  # noqa: E402
 import genrm  # noqa: E402
 from conftest import CharTok  # noqa: E402
-from data import LoadStats, Pair, sft_examples, pair_examples  # noqa: E402
-from fit import TrainConfig, fit, accumulate_gradients, save_model  # noqa: E402
+from data import LoadStats, Pair, pair_examples, sft_examples  # noqa: E402
+from fit import TrainConfig, accumulate_gradients, fit, save_model  # noqa: E402
 from losses import add_reference_logps, make_step_dpo, step_sft  # noqa: E402
 from model import Llama  # noqa: E402
 
@@ -46,7 +46,8 @@ def grads(kind, tmp, out, checkpointing=False):
     model.checkpointing = checkpointing
     model = dist.shard(model)
     loss, _ = accumulate_gradients(model, [ex[:2], ex[2:]], step, tok.pad_id)
-    g = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
+    g = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+         for n, p in model.named_parameters()}
     if dist.rank() == 0:
         torch.save({"loss": loss, "grads": g}, out)
 

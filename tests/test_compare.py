@@ -40,7 +40,8 @@ def full_data(d, n_safety=9):
     for f in ("train_alpacaeval_gpt4.jsonl", "test_id_alpacaeval_gpt4.jsonl", "ood_hh_harmless.jsonl"):
         write_jsonl(d / f, [pair(i, "x", f[:5]) for i in range(20)])
     prov = ["# Staged data", "", "| file | n | bytes | labels | licence |", "|---|---|---|---|---|"]
-    prov += [f"| `{f}` | 1 | 2 | MODEL labels | licence of {f} |" for f in C.SOURCES.values()] + ["| `other.jsonl` | 1 | 2 | x | y |"]
+    prov += ([f"| `{f}` | 1 | 2 | MODEL labels | licence of {f} |" for f in C.SOURCES.values()]
+             + ["| `other.jsonl` | 1 | 2 | x | y |"])
     for f in C.SOURCES.values():
         prov += ["", f"### {f}", "", f"(x) what {f} is.", "", "Inputs:", "", f"- the inputs of {f}", ""]
     (d / "PROVENANCE.md").write_text("\n".join(prov) + "\n### other.jsonl\n\nnot ours\n")
@@ -48,7 +49,8 @@ def full_data(d, n_safety=9):
 
 
 def sizes(**kw):
-    return argparse.Namespace(**{"train": 7, "id": 5, "rb_per_section": 6, "hh": 3, "seed": 0, "data_dir": None, **kw})
+    return argparse.Namespace(**{"train": 7, "id": 5, "rb_per_section": 6, "hh": 3, "seed": 0,
+                                 "data_dir": None, **kw})
 
 
 def test_subsets_sections_with_math_and_code_halves(tmp_path):
@@ -75,7 +77,8 @@ def test_build_assets_is_deterministic_with_counts_and_licences(tmp_path):
     for n in names:
         assert (tmp_path / "one" / n).read_bytes() == (tmp_path / "two" / n).read_bytes()
     prov = (tmp_path / "one" / "PROVENANCE.md").read_text()
-    assert "| `rewardbench.jsonl` | 24 | chat 6, chat_hard 6, reasoning/code 3, reasoning/math 3, safety 6 |" in prov
+    assert ("| `rewardbench.jsonl` | 24 | chat 6, chat_hard 6, reasoning/code 3, reasoning/math 3, "
+            "safety 6 |") in prov
     assert "compare.py --build-assets --seed 0 --train 7 --id 5 --rb-per-section 6 --hh 3`" in prov
     for f in C.SOURCES.values():  # each source's licence row and its section, quoted
         assert f"licence of {f}" in prov and f"- the inputs of {f}" in prov
@@ -114,7 +117,8 @@ def test_main_needs_nothing_outside_the_repo(tmp_path, monkeypatch):
         for f in cmd[cmd.index("--data") + 1:cmd.index("--both-orders")]:
             pairs = load_pairs(f)
             recs = [{"id": p.id, "category": p.category, "margin": 1.0} if "bt" in cmd else
-                    {"id": p.id, "category": p.category, "order": {k: {"votes": [["A", True]] * n} for k in "AB"}}
+                    {"id": p.id, "category": p.category,
+                     "order": {k: {"votes": [["A", True]] * n} for k in "AB"}}
                     for p in pairs]
             res[Path(f).name] = S.summarize(pairs, recs)
         (out / "results.json").write_text(json.dumps({"seconds": 30, "results": res}))
@@ -122,7 +126,8 @@ def test_main_needs_nothing_outside_the_repo(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "run", fake_run)
     C.main(["--train", "6", "--id", "4", "--rb-per-section", "2", "--hh", "2", "--cot-samples", "2",
             "--out", str(tmp_path / "out")])
-    assert [sum(1 for _ in read_jsonl(tmp_path / "out" / "data" / f"{k}.jsonl")) for k in C.SOURCES] == [6, 4, 8, 2]
+    assert ([sum(1 for _ in read_jsonl(tmp_path / "out" / "data" / f"{k}.jsonl")) for k in C.SOURCES]
+            == [6, 4, 8, 2])
     epochs = {c[c.index("--method") + 1]: c[c.index("--epochs") + 1] for c in cmds if c[0] == "train.py"}
     assert epochs == {"bt_rm": "1", "genrm": "1", "star_sft": "3", "star_dpo": "3", "rationalizer": "1"}
     samples = [c[c.index("--samples") + 1] for c in cmds if c[0] == "eval.py" and "cot" in c]
@@ -130,11 +135,13 @@ def test_main_needs_nothing_outside_the_repo(tmp_path, monkeypatch):
     assert {c[c.index("--dtype") + 1] for c in cmds} == {"bfloat16"}  # every step, by default
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "| STaR-DPO | LLM-as-a-judge (base, CoT) | maj@2 | +0.000 [+0.00, +0.00] p=1.000 |" in md
-    assert "| Bradley-Terry RM, maj@1" not in md and "| LLM-as-a-judge (base, CoT), maj@2 | 0.500 [0.50, 0.50] |" in md
+    assert ("| Bradley-Terry RM, maj@1" not in md
+            and "| LLM-as-a-judge (base, CoT), maj@2 | 0.500 [0.50, 0.50] |" in md)
     comp = json.loads((tmp_path / "out" / "comparison.json").read_text())["comparisons"]
-    assert {(c["judge"], c["score"]) for c in comp} >= {("Bradley-Terry RM", "reward margin > 0 vs longer answer"),
-                                                       ("GenRM (Eq. 7)", "p(chosen) > 0.5, each order"),
-                                                       ("GenRM (Eq. 7)", "both orders pooled")}
+    assert {(c["judge"], c["score"]) for c in comp} >= {
+        ("Bradley-Terry RM", "reward margin > 0 vs longer answer"),
+        ("GenRM (Eq. 7)", "p(chosen) > 0.5, each order"),
+        ("GenRM (Eq. 7)", "both orders pooled")}
 
 
 def cell(x):
@@ -144,7 +151,8 @@ def cell(x):
 
 def acc_entry(a, pooled, longer, **extra):
     return {"maj@N": a, "maj@1": a, "pooled": pooled, "longer": longer, **extra,
-            "ci": {"maj@N": cell(a)[0], "maj@1": cell(a)[0], "pooled": cell(pooled)[0], "longer": cell(longer)[0]}}
+            "ci": {"maj@N": cell(a)[0], "maj@1": cell(a)[0], "pooled": cell(pooled)[0],
+                   "longer": cell(longer)[0]}}
 
 
 def summary(acc, pooled, longer, sections=None, per_pair=None, curve=None):
@@ -153,7 +161,8 @@ def summary(acc, pooled, longer, sections=None, per_pair=None, curve=None):
         pc["all"]["maj@k"], pc["all"]["ci"]["maj@k"] = curve, {k: cell(v)[0] for k, v in curve.items()}
     for s, v in (sections or {}).items():
         pc[s] = acc_entry(v, v, 0.25)
-    out = {"per_category": pc, "position": {"acc_chosen_as_A": 1.0, "acc_chosen_as_B": 0.0, "swap_consistency": 0.0},
+    out = {"per_category": pc,
+           "position": {"acc_chosen_as_A": 1.0, "acc_chosen_as_B": 0.0, "swap_consistency": 0.0},
            "tie_rate": 0.0, "no_verdict_rate": 0.0}
     if sections:
         m = sum(sections.values()) / len(sections)
@@ -174,14 +183,16 @@ def table_rows(md):
 def test_table_takes_each_number_and_interval_from_its_summary():
     secs = {"chat": 0.8, "chat_hard": 0.4, "safety": 0.6, "reasoning": 0.2}
     res = {"J": {"samples": 1, "judge": "genrm", "train_s": 150, "eval_s": 30,
-                 "files": {"id.jsonl": summary(0.625, 0.75, 0.7), "rewardbench.jsonl": summary(0.5, 0.5, 0.3, secs),
+                 "files": {"id.jsonl": summary(0.625, 0.75, 0.7),
+                           "rewardbench.jsonl": summary(0.5, 0.5, 0.3, secs),
                            "hh_harmless.jsonl": summary(0.375, 0.25, 0.6)}}}
     md = C.table(res, FILES)
     rows = table_rows(md)
     assert rows["chance"] == ["0.500"] * 7
     assert rows[C.LENGTH][0] == cell(0.7)[1] and rows[C.LENGTH][6] == cell(0.6)[1]
     assert rows["J"] == [cell(x)[1] for x in (0.625, 0.8, 0.4, 0.6, 0.2, sum(secs.values()) / 4, 0.375)]
-    assert rows["J, both orders pooled"][0] == cell(0.75)[1] and rows["J, both orders pooled"][6] == cell(0.25)[1]
+    assert (rows["J, both orders pooled"][0] == cell(0.75)[1]
+            and rows["J, both orders pooled"][6] == cell(0.25)[1])
     assert md.count("| J | id.jsonl |") == 1   # diagnostics row per eval set
     assert "| J | 2.5 min | 0.5 min |" in md
     three = {k: v for k, v in secs.items() if k != "safety"}   # a section missing: no RB mean
@@ -224,7 +235,8 @@ def test_paired_comparisons_against_the_base_judge_and_the_curve_of_the_best():
     assert got["rewardbench.jsonl"] == want
     assert want["diff"] == pytest.approx(0.25 * 0.25 + 0.25 * 0 + 0.25 * 0.5 + 0.125 * 0.25 + 0.125 * 0)
     assert got["hh_harmless.jsonl"] is None                   # not evaluated here
-    assert comp[0]["cells"]["id.jsonl"] == stats.paired_bootstrap([sft["id"][::-1]], [base["id"][::-1]])  # maj@1
+    # comp[0]: STaR-SFT, maj@1.
+    assert comp[0]["cells"]["id.jsonl"] == stats.paired_bootstrap([sft["id"][::-1]], [base["id"][::-1]])
     md = C.table(res, FILES)
     r = got["id.jsonl"]
     assert (f"| STaR-SFT | {C.BASE_COT} | maj@4 | {r['diff']:+.3f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}] "

@@ -57,7 +57,8 @@ def test_pairs_errors_name_file_line_field(tmp_path):
 
 def test_pairs_skips_are_counted(tmp_path):
     rows = [{"prompt": "p", "chosen": "c", "rejected": "r"}, {"prompt": "p", "chosen": "  ", "rejected": "r"},
-            {"prompt": "p", "chosen": "same", "rejected": "same"}, {"prompt": "q", "chosen": "c2", "rejected": "r2"}]
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+            {"prompt": "q", "chosen": "c2", "rejected": "r2"}]
     st = LoadStats()
     pairs = load_pairs(_write(tmp_path, [json.dumps(r) for r in rows]), stats=st)
     assert [x.chosen for x in pairs] == ["c", "c2"]

@@ -23,7 +23,8 @@ def launch(case, tmp, nproc):
            str(HERE / "dist_worker.py"), case, str(tmp)] if nproc > 1 else \
           [sys.executable, str(HERE / "dist_worker.py"), case, str(tmp)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
     try:
         _, err = p.communicate(timeout=300)
     except subprocess.TimeoutExpired:

@@ -27,8 +27,8 @@ def test_always_a_judge_scores_half_with_both_orders():
 
 
 def test_planted_accuracy_sections_and_swap_consistency():
-    pairs = [P(0, "chat"), P(1, "chat", chosen="c", rejected="rrr"), P(2, "safety"), P("gsm8k-1", "reasoning"),
-             P("hep-1", "reasoning"), P("hep-2", "reasoning")]
+    pairs = [P(0, "chat"), P(1, "chat", chosen="c", rejected="rrr"), P(2, "safety"),
+             P("gsm8k-1", "reasoning"), P("hep-1", "reasoning"), P("hep-2", "reasoning")]
     recs = [
         {"order": {"A": votes("A", "B", "A"), "B": votes("B", "B", "A")}},   # right, right: maj 1, consistent
         {"order": {"A": votes("B", "B", "A"), "B": votes("A", "A", "A")}},   # wrong, wrong: consistent
@@ -78,8 +78,10 @@ def test_bt_accuracy_from_rewards():
 
 
 def test_best_of_n_on_planted_file(tmp_path):
-    rows = [{"prompt": "a", "reference_output": "r", "candidates": [{"output": "x", "judge_pref": s} for s in (0.1, 0.9, 0.5)]},
-            {"prompt": "b", "reference_output": "r", "candidates": [{"output": "x", "judge_pref": s} for s in (0.2, 0.4)]}]
+    rows = [{"prompt": "a", "reference_output": "r",
+             "candidates": [{"output": "x", "judge_pref": s} for s in (0.1, 0.9, 0.5)]},
+            {"prompt": "b", "reference_output": "r",
+             "candidates": [{"output": "x", "judge_pref": s} for s in (0.2, 0.4)]}]
     f = tmp_path / "bon.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
     rows = E.load_candidates(f)
@@ -122,7 +124,8 @@ def test_intervals_and_per_pair_scores_kept_for_paired_comparisons():
     assert pp["maj@N"] == [1, 0.5, 0, 1, 1] and pp["longer"] == [1, 1, 1, 1, 0]
     al = s["per_category"]["all"]
     assert al["maj@N"] == pytest.approx(0.7)
-    assert al["ci"]["maj@N"] == list(stats.bootstrap_ci([[1, 0.5, 0, 1, 1]]))  # a 0.5 score: bootstrap over pairs
+    # A 0.5 score: bootstrap over pairs.
+    assert al["ci"]["maj@N"] == list(stats.bootstrap_ci([[1, 0.5, 0, 1, 1]]))
     assert al["ci"]["longer"] == list(stats.wilson(4, 5))                     # 0/1 scores: Wilson
     assert al["ci"]["maj@N"][0] < 0.7 < al["ci"]["maj@N"][1]
     # sections: chat and safety weighted 1/2 each, the stratified bootstrap

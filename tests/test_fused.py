@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from kernels import IGNORE_INDEX, FusedLogprobs, FusedLogprobSum, _pair_chunks, fused_logprob_sum, fused_logprobs
+from kernels import (
+    IGNORE_INDEX,
+    FusedLogprobs,
+    FusedLogprobSum,
+    _pair_chunks,
+    fused_logprob_sum,
+    fused_logprobs,
+)
 from losses import dpo_loss, fused_dpo_loss
 
 
@@ -65,7 +72,8 @@ def test_chunk_size_does_not_change_the_result():
     grads = [torch.autograd.grad(o.sum(), (h, w)) for o in outs]
     for o, g in zip(outs[1:], grads[1:]):
         assert torch.allclose(o, outs[0], atol=1e-6)
-        assert torch.allclose(g[0], grads[0][0], rtol=1e-5, atol=1e-5) and torch.allclose(g[1], grads[0][1], rtol=1e-5, atol=1e-5)
+        assert (torch.allclose(g[0], grads[0][0], rtol=1e-5, atol=1e-5)
+                and torch.allclose(g[1], grads[0][1], rtol=1e-5, atol=1e-5))
 
 
 def test_gradcheck_float64():
@@ -86,7 +94,8 @@ def test_weighted_sum_with_gradients_in_forward_matches_naive(temperature):
     for a, b in ((gh, rh), (gw, rw)):
         assert (a - b).norm() / b.norm() < 1e-4 and torch.allclose(a, b, rtol=1e-4, atol=5e-5)
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: FusedLogprobSum.apply(a, b, t, wt.double(), 1.3, 5), (h64, w64))
+    assert torch.autograd.gradcheck(lambda a, b: FusedLogprobSum.apply(a, b, t, wt.double(), 1.3, 5),
+                                    (h64, w64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +106,8 @@ PAIRS = [(3, 5), (7, 2), (1, 1), (6, 4), (2, 9)]  # ragged (chosen rows, rejecte
 
 def dpo_inputs(dtype=torch.float32, pairs=PAIRS, seed=5, H=24, V=101):
     seq = torch.cat([torch.full((n,), 2 * i + j) for i, p in enumerate(pairs) for j, n in enumerate(p)])
-    h, w, t = inputs(N=len(seq), H=H, V=V, dtype=dtype, seed=seed)  # every 5th row IGNORE_INDEX, no completion all ignored
+    # Every 5th row is IGNORE_INDEX; no completion is all ignored.
+    h, w, t = inputs(N=len(seq), H=H, V=V, dtype=dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     rc, rr = torch.randn(len(pairs), generator=g) * 3, torch.randn(len(pairs), generator=g) * 3
     return h, w, t, seq, rc, rr
@@ -126,23 +136,27 @@ def test_dpo_values_and_grads_match_naive(loss_type, eps):
     h, w, t, seq, rc, rr = dpo_inputs()
     kw = dict(beta=0.3, label_smoothing=eps, loss_type=loss_type, temperature=0.7)
     ref, ref_c, ref_r = naive_dpo(h, w, t, seq, rc, rr, 0.3, eps, loss_type, 0.7)
-    assert torch.allclose(ref, dpo_loss(ref_c, ref_r, rc, rr, beta=0.3, label_smoothing=eps, loss_type=loss_type).mean())
+    assert torch.allclose(ref, dpo_loss(ref_c, ref_r, rc, rr, beta=0.3, label_smoothing=eps,
+                                        loss_type=loss_type).mean())
     rh, rw = torch.autograd.grad(ref * -2.5, (h, w))
     for chunk in (1, 7, 4096):
         loss, pc, pr = fused_dpo_loss(h, w, t, seq, rc, rr, chunk=chunk, **kw)
         assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-7), (chunk, loss, ref)
-        assert torch.allclose(pc, ref_c, rtol=1e-5, atol=1e-5) and torch.allclose(pr, ref_r, rtol=1e-5, atol=1e-5)
+        assert (torch.allclose(pc, ref_c, rtol=1e-5, atol=1e-5)
+                and torch.allclose(pr, ref_r, rtol=1e-5, atol=1e-5))
         assert not pc.requires_grad and not pr.requires_grad
         gh, gw = torch.autograd.grad(loss * -2.5, (h, w))
         for a, b in ((gh, rh), (gw, rw)):
-            assert (a - b).norm() / b.norm() < 1e-4 and torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max())
+            assert ((a - b).norm() / b.norm() < 1e-4
+                    and torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max()))
         assert (gh[t == IGNORE_INDEX] == 0).all()
 
 
 def test_dpo_chunks_hold_whole_pairs():
     """Chunks end on pair boundaries; a pair longer than the chunk is a chunk of its own."""
     rows = [a + b for a, b in PAIRS]                                             # [8, 9, 2, 10, 11]
-    assert _pair_chunks(rows, 1) == [(0, 8, 0, 1), (8, 17, 1, 2), (17, 19, 2, 3), (19, 29, 3, 4), (29, 40, 4, 5)]
+    assert _pair_chunks(rows, 1) == [(0, 8, 0, 1), (8, 17, 1, 2), (17, 19, 2, 3), (19, 29, 3, 4),
+                                     (29, 40, 4, 5)]
     assert _pair_chunks(rows, 19) == [(0, 19, 0, 3), (19, 29, 3, 4), (29, 40, 4, 5)]  # 8 + 9 + 2 fit
     assert _pair_chunks(rows, 40) == [(0, 40, 0, 5)]
 
@@ -180,9 +194,10 @@ def test_dpo_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="non-decreasing"):
         fused_dpo_loss(h, w, t, seq.flip(0), rc, rr, beta=0.1)
     with pytest.raises(ValueError, match="pair 1 lacks rows"):
-        fused_dpo_loss(h, w, t, torch.where(seq == 3, 2, seq), rc, rr, beta=0.1)  # pair 1 has no rejected rows
+        # Pair 1 has no rejected rows.
+        fused_dpo_loss(h, w, t, torch.where(seq == 3, 2, seq), rc, rr, beta=0.1)
     t2 = t.clone()
-    t2[seq == 4] = IGNORE_INDEX                                                   # pair 2's chosen: all ignored
+    t2[seq == 4] = IGNORE_INDEX  # pair 2's chosen: all ignored
     with pytest.raises(ValueError, match="completion 4 has none"):
         fused_dpo_loss(h, w, t2, seq, rc, rr, beta=0.1, loss_type="ipo")
     with pytest.raises(ValueError, match="unknown DPO loss"):

@@ -10,9 +10,33 @@ from conftest import CharTok, tiny_model
 from data import Pair
 
 # Appendix A, typed from the paper (Fig. 6, 7, 8)
-FIG6 = ('Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the user question displayed below. You should choose the assistant that follows the user\'s instructions and answers the user\'s question better. Your evaluation should consider factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of their responses. Begin your evaluation by comparing the two responses and provide a short explanation. Avoid any position biases and ensure that the order in which the responses were presented does not influence your decision. Do not allow the length of the responses to influence your evaluation. Do not favor certain names of the assistants. Be as objective as possible. After providing your explanation, output your final verdict by strictly following this format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better')
-FIG7 = ('Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the user question displayed below. You should choose the assistant that follows the user\'s instructions and answers the user\'s question better. Your evaluation should consider factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of their responses. Begin your evaluation by comparing the two responses and provide a short explanation. Avoid any position biases and ensure that the order in which the responses were presented does not influence your decision. Do not allow the length of the responses to influence your evaluation. Do not favor certain names of the assistants. Be as objective as possible.')
-FIG8 = ('Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to the user question displayed below. You should choose the assistant that follows the user\'s instructions and answers the user\'s question better. Your evaluation should consider factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of their responses. Avoid any position biases and ensure that the order in which the responses were presented does not influence your decision. Do not allow the length of the responses to influence your evaluation. Do not favor certain names of the assistants. Be as objective as possible. Output your verdict by strictly following this format: "A" if assistant A is better, "B" if assistant B is better')
+FIG6 = ('Please act as an impartial judge and evaluate the quality of the responses provided by two AI '
+        'assistants to the user question displayed below. You should choose the assistant that follows the '
+        'user\'s instructions and answers the user\'s question better. Your evaluation should consider '
+        'factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of '
+        'their responses. Begin your evaluation by comparing the two responses and provide a short '
+        'explanation. Avoid any position biases and ensure that the order in which the responses were '
+        'presented does not influence your decision. Do not allow the length of the responses to influence '
+        'your evaluation. Do not favor certain names of the assistants. Be as objective as possible. After '
+        'providing your explanation, output your final verdict by strictly following this format: "[[A]]" '
+        'if assistant A is better, "[[B]]" if assistant B is better')
+FIG7 = ('Please act as an impartial judge and evaluate the quality of the responses provided by two AI '
+        'assistants to the user question displayed below. You should choose the assistant that follows the '
+        'user\'s instructions and answers the user\'s question better. Your evaluation should consider '
+        'factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of '
+        'their responses. Begin your evaluation by comparing the two responses and provide a short '
+        'explanation. Avoid any position biases and ensure that the order in which the responses were '
+        'presented does not influence your decision. Do not allow the length of the responses to influence '
+        'your evaluation. Do not favor certain names of the assistants. Be as objective as possible.')
+FIG8 = ('Please act as an impartial judge and evaluate the quality of the responses provided by two AI '
+        'assistants to the user question displayed below. You should choose the assistant that follows the '
+        'user\'s instructions and answers the user\'s question better. Your evaluation should consider '
+        'factors such as the helpfulness, relevance, accuracy, depth, creativity, and level of detail of '
+        'their responses. Avoid any position biases and ensure that the order in which the responses were '
+        'presented does not influence your decision. Do not allow the length of the responses to influence '
+        'your evaluation. Do not favor certain names of the assistants. Be as objective as possible. '
+        'Output your verdict by strictly following this format: "A" if assistant A is better, "B" if '
+        'assistant B is better')
 
 
 def test_prompts_are_the_papers_words():
@@ -130,7 +154,8 @@ def test_star_sampling_in_both_orders():
     m, tok = tiny_model(seed=5), CharTok()
     pairs = [Pair(f"q{i}", f"question {i}", f"good {i}", f"bad {i}") for i in range(3)]
     one = genrm.sample_rationales(m, tok, pairs, n=2, max_new_tokens=4, seed=3, progress=False)
-    both = genrm.sample_rationales(m, tok, pairs, n=2, max_new_tokens=4, seed=3, both_orders=True, progress=False)
+    both = genrm.sample_rationales(m, tok, pairs, n=2, max_new_tokens=4, seed=3, both_orders=True,
+                                   progress=False)
     assert len(one) == 6 and len(both) == 12
     for p in pairs:
         rows = [r for r in both if r["id"] == p.id]
@@ -143,7 +168,8 @@ def test_star_sampling_in_both_orders():
 
 def planted(pid, label, verdicts, forced=()):
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": pid}]
-    return [{"id": pid, "messages": msgs, "label": label, "completion": f"r{k}", "verdict": v, "forced": k in forced}
+    return [{"id": pid, "messages": msgs, "label": label, "completion": f"r{k}", "verdict": v,
+             "forced": k in forced}
             for k, v in enumerate(verdicts)]
 
 
@@ -196,21 +222,24 @@ def test_star_driver_artefacts_and_resume(tmp_path, monkeypatch):
         calls["train"].append((i, src, ref, len(rows)))
         Llama.from_pretrained(src).save_pretrained(out_dir / "model")
 
-    cfg = T.RunConfig(method="star_dpo", iterations=3, model=str(base), samples_per_prompt=4, max_new_tokens=6,
-                      seed=1, no_progress=True, device="cpu")
+    cfg = T.RunConfig(method="star_dpo", iterations=3, model=str(base), samples_per_prompt=4,
+                      max_new_tokens=6, seed=1, no_progress=True, device="cpu")
     run = tmp_path / "run"
-    monkeypatch.setattr(T, "train_on", lambda c, src, rows, d, tk, obj, ref_path=None: train_fn(src, rows, ref_path, d, fail_on=1))
+    monkeypatch.setattr(T, "train_on", lambda c, src, rows, d, tk, obj, ref_path=None:
+                        train_fn(src, rows, ref_path, d, fail_on=1))
     with pytest.raises(KeyboardInterrupt):
         T.star(cfg, pairs, tok, run, log=lambda *_: None)
     assert calls["sample"] == 2 and [c[0] for c in calls["train"]] == [0]
-    monkeypatch.setattr(T, "train_on", lambda c, src, rows, d, tk, obj, ref_path=None: train_fn(src, rows, ref_path, d))
+    monkeypatch.setattr(T, "train_on", lambda c, src, rows, d, tk, obj, ref_path=None:
+                        train_fn(src, rows, ref_path, d))
     final, reps = T.star(cfg, pairs, tok, run, log=lambda *_: None)
     assert calls["sample"] == 3  # iteration 0 and 1 samples were not redone
     trained = [i for i in range(3) if reps[i]["paired"]]  # an iteration with no pairs carries the model over
     assert [c[0] for c in calls["train"]] == trained and trained[0] == 0
     assert all((run / f"iter_{i}" / "model" / "config.json").exists() for i in range(3))
     for i, src, _, n in calls["train"]:  # each iteration trains the latest model
-        assert src == (str(base) if i == 0 else str(run / f"iter_{i - 1}" / "model")) and n == reps[i]["paired"]
+        assert (src == (str(base) if i == 0 else str(run / f"iter_{i - 1}" / "model"))
+                and n == reps[i]["paired"])
     assert all(c[2] == str(base) for c in calls["train"])          # reference = base model
     assert final == str(run / "iter_2" / "model")
     seen = []

@@ -27,7 +27,8 @@ def naive_inv_freq(cfg):
             if wl > lo_wl:
                 f = f / s["factor"]
             elif wl >= hi_wl:
-                sm = (s["original_max_position_embeddings"] / wl - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+                sm = ((s["original_max_position_embeddings"] / wl - s["low_freq_factor"])
+                      / (s["high_freq_factor"] - s["low_freq_factor"]))
                 f = (1 - sm) * f / s["factor"] + sm * f
         out.append(f)
     return torch.tensor(out, dtype=torch.float64)
@@ -119,7 +120,8 @@ def test_tiny_llama31_golden_greedy():
     g = torch.load(d / "golden.pt")
     m = M.Llama.from_pretrained(d).eval()
     want = g["greedy_from_first8"]  # HF greedy continuation of row 0's first 8 tokens
-    out = generate(m, [g["input_ids"][0, :8].tolist()], max_new_tokens=len(want), temperature=0, progress=False)
+    out = generate(m, [g["input_ids"][0, :8].tolist()], max_new_tokens=len(want), temperature=0,
+                   progress=False)
     assert out[0][0].tokens == want
 
 
@@ -310,7 +312,8 @@ def _gguf(tmp_path, tensors, meta=()):
         head += s(k) + struct.pack("<I", 4) + struct.pack("<I", v)
     off, blobs = 0, b""
     for name, arr in tensors:
-        head += s(name) + struct.pack("<I", arr.dim()) + b"".join(struct.pack("<Q", d) for d in reversed(arr.shape))
+        head += (s(name) + struct.pack("<I", arr.dim())
+                 + b"".join(struct.pack("<Q", d) for d in reversed(arr.shape)))
         head += struct.pack("<IQ", 0, off)
         blobs += arr.numpy().astype("<f4").tobytes()
         off += arr.numel() * 4
@@ -349,11 +352,13 @@ def test_q4_1_and_q8_0_dequantization():
 def test_hf_transformers_loads_our_checkpoint_and_agrees(tmp_path):
     """Where transformers is installed: our saved checkpoint loads unchanged in LlamaForCausalLM
     and gives our logits (also with tied embeddings)."""
-    transformers = pytest.importorskip("transformers", reason="transformers not installed (optional oracle check)")
+    transformers = pytest.importorskip("transformers",
+                                       reason="transformers not installed (optional oracle check)")
     for tie in (False, True):
         m = tiny_model(seed=10, tie_word_embeddings=tie)
         m.save_pretrained(tmp_path / str(tie))
-        hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / str(tie)), torch_dtype=torch.float32).eval()
+        hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / str(tie)),
+                                                           torch_dtype=torch.float32).eval()
         ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             assert (hf(ids).logits - m(ids)).abs().max() < 1e-4

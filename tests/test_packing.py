@@ -52,7 +52,7 @@ def test_layout_positions_mask_and_loss_rows():
     pk = packed_pair_batch([([10, 11, 12], [20, 21], [30, 31]), ([40], [50], [60])], pad_id=0)
     T = 7
     assert pk.idx.tolist() == [[10, 11, 12, 20, 21, 30, 31], [40, 50, 60, 0, 0, 0, 0]]
-    assert pk.pos.tolist()[0] == [0, 1, 2, 3, 4, 3, 4]                        # rejected continue from the prompt
+    assert pk.pos.tolist()[0] == [0, 1, 2, 3, 4, 3, 4]  # rejected continue from the prompt
     assert pk.pos.tolist()[1][:3] == [0, 1, 1]
     m = pk.mask[0].int().tolist()
     assert m == [[1, 0, 0, 0, 0, 0, 0],
@@ -113,7 +113,8 @@ def test_dpo_step_equals_separate_computation(loss_type, eps):
     rc = torch.tensor([e.ref[key][0] for e in batch])
     rr = torch.tensor([e.ref[key][1] for e in batch])
     want = dpo_loss(sc, sr, rc, rr, beta=0.1, label_smoothing=eps, loss_type=loss_type).sum()
-    assert abs(float(loss.detach()) - float(want.detach())) < 1e-5 * max(1.0, abs(float(want.detach())))  # IPO sums are ~40
+    # IPO sums are ~40.
+    assert abs(float(loss.detach()) - float(want.detach())) < 1e-5 * max(1.0, abs(float(want.detach())))
     assert int(correct) == int((((sc - rc) - (sr - rr)) > 0).sum())
     assert_grads_close(g_step, grads(model, want))
 

@@ -91,7 +91,8 @@ def test_resume_with_changed_arguments_refuses_and_keeps_args_json(tmp_path):
     m = model_dir(tmp_path / "m")
     data = pairs_file(tmp_path / "d.jsonl", 6)
     out = tmp_path / "run"
-    base = ["--method", "dpo", "--model", str(m), "--data", str(data), "--no-eval", "--out", str(out), "--no-progress"]
+    base = ["--method", "dpo", "--model", str(m), "--data", str(data), "--no-eval", "--out", str(out),
+            "--no-progress"]
     with pytest.raises(SystemExit, match="--max-steps 1"):
         T.main(base + ["--limit", "4", "--max-steps", "1"])
     record = (out / "args.json").read_bytes()
@@ -107,36 +108,40 @@ def test_resume_with_changed_arguments_refuses_and_keeps_args_json(tmp_path):
 
 # ---- 3. bad numbers ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag,value", [("--lr", "0"), ("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "-1"),
-                                        ("--batch-size", "0"), ("--grad-accum", "0"), ("--iterations", "0"),
-                                        ("--samples-per-prompt", "0"), ("--limit", "-1"), ("--warmup", "1.5"),
-                                        ("--lr", "nan"), ("--label-smoothing", "0.7"), ("--max-new-tokens", "0")])
+@pytest.mark.parametrize("flag,value", [("--lr", "0"), ("--epochs", "0"), ("--epochs", "-1"),
+                                        ("--batch-size", "-1"), ("--batch-size", "0"), ("--grad-accum", "0"),
+                                        ("--iterations", "0"), ("--samples-per-prompt", "0"),
+                                        ("--limit", "-1"), ("--warmup", "1.5"), ("--lr", "nan"),
+                                        ("--label-smoothing", "0.7"), ("--max-new-tokens", "0")])
 def test_bad_numbers_are_one_line_errors_and_write_nothing(tmp_path, capsys, monkeypatch, flag, value):
     monkeypatch.chdir(tmp_path)  # the default run directory would be runs/<method> here
     with pytest.raises(SystemExit) as e:
-        T.main([flag, value, "--model", "absent"])  # were the number accepted, the run would stop at the model
+        # Were the number accepted, the run would stop at the model.
+        T.main([flag, value, "--model", "absent"])
     assert e.value.code == 2 and f"error: argument {flag}: " in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv", [["--samples", "0"], ["--limit", "-1"], ["--batch-size", "0"], ["--top-p", "0"],
-                                  ["--threads", "0"]])
+@pytest.mark.parametrize("argv", [["--samples", "0"], ["--limit", "-1"], ["--batch-size", "0"],
+                                  ["--top-p", "0"], ["--threads", "0"]])
 def test_bad_numbers_in_eval_and_compare(tmp_path, capsys, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
         E.main(argv + ["--data", "x.jsonl", "--model", "absent"])
     assert f"error: argument {argv[0]}: " in capsys.readouterr().err and list(tmp_path.iterdir()) == []
     with pytest.raises(SystemExit):
-        compare.main(["--rb-per-section", "1", "--out", str(tmp_path / "c")])  # would drop the reasoning section
+        # --rb-per-section 1 would drop the reasoning section.
+        compare.main(["--rb-per-section", "1", "--out", str(tmp_path / "c")])
     assert "--rb-per-section: must be an even number >= 2" in capsys.readouterr().err
 
 
 def test_limit_applies_to_sft_completion_files(tmp_path):
     m = model_dir(tmp_path / "m")
     d = tmp_path / "c.jsonl"
-    d.write_text("".join(json.dumps({"prompt": f"say {i}", "completion": f"ok {i}"}) + "\n" for i in range(5)))
-    T.main(["--method", "sft", "--model", str(m), "--data", str(d), "--limit", "2", "--batch-size", "8", "--no-eval",
-            "--out", str(tmp_path / "run"), "--no-progress"])
+    d.write_text("".join(json.dumps({"prompt": f"say {i}", "completion": f"ok {i}"}) + "\n"
+                         for i in range(5)))
+    T.main(["--method", "sft", "--model", str(m), "--data", str(d), "--limit", "2", "--batch-size", "8",
+            "--no-eval", "--out", str(tmp_path / "run"), "--no-progress"])
     rows = [json.loads(x) for x in (tmp_path / "run" / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["examples"] for r in rows] == [2]
 
@@ -158,7 +163,8 @@ def test_a_finished_stage_keeps_only_its_final_model(tmp_path):
     assert abs(model - size(m)) < 1000  # the final model (weights, config, tokenizer) is there, whole
     assert size(run) - model < 100_000  # args, metrics, report, reference log-probs
     T.main(common + ["--out", str(tmp_path / "keep"), "--keep-checkpoints"])
-    assert len(list((tmp_path / "keep" / "train").glob("ckpt-*"))) == 2 and size(tmp_path / "keep") > 4 * model
+    assert (len(list((tmp_path / "keep" / "train").glob("ckpt-*"))) == 2
+            and size(tmp_path / "keep") > 4 * model)
 
 
 # ---- 5. corrupt checkpoints --------------------------------------------------------------------
@@ -207,7 +213,8 @@ def test_bad_files_are_errors_naming_the_file(tmp_path):
         T.main(["--method", "dpo", "--no-eval", "--no-progress", "--out", str(tmp_path / "run"), *a])
     bad = tmp_path / "latin1.jsonl"
     first_line = good.read_bytes().splitlines(keepends=True)[0]
-    bad.write_bytes(first_line + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')  # Latin-1 e-acute
+    # \xe9 is a Latin-1 e-acute.
+    bad.write_bytes(first_line + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(SystemExit, match=r"latin1\.jsonl:2: not UTF-8 \(byte 0xe9"):
         run("--model", str(m), "--data", str(bad))
     empty = tmp_path / "empty.jsonl"
@@ -226,18 +233,21 @@ def test_bad_files_are_errors_naming_the_file(tmp_path):
         run("--model", str(broken), "--data", str(good))
     for judge in ("genrm", "cot"):
         with pytest.raises(SystemExit, match=r"empty\.jsonl: no pairs to judge"):
-            E.main(["--model", str(m), "--judge", judge, "--data", str(good), str(empty), "--out", str(tmp_path / "e")])
-    assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()  # nothing written, the rerun is free
+            E.main(["--model", str(m), "--judge", judge, "--data", str(good), str(empty),
+                    "--out", str(tmp_path / "e")])
+    # Nothing is written, so the rerun is free.
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
 
 
 def test_cli_user_errors_exit_1_with_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "chosen": "c"}\n')
-    for argv in (["train.py", "--method", "dpo", "--no-eval", "--data", str(bad), "--out", str(tmp_path / "r")],
+    for argv in (["train.py", "--method", "dpo", "--no-eval", "--data", str(bad),
+                  "--out", str(tmp_path / "r")],
                  ["eval.py", "--data", str(bad), "--out", str(tmp_path / "e")]):
         m = model_dir(tmp_path / f"m-{argv[0]}")
-        p = subprocess.run([sys.executable, *argv, "--model", str(m)], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        p = subprocess.run([sys.executable, *argv, "--model", str(m)], capture_output=True, text=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
         assert p.stderr.strip().splitlines()[-1] == f"error: {bad}:1: missing field 'rejected'"
 
@@ -268,7 +278,8 @@ def test_a_failed_run_writes_no_record_so_the_rerun_is_free(tmp_path):
         T.main(["--method", "dpo", "--model", str(m), "--data", str(bad), "--no-eval", "--out", str(out)])
     assert not out.exists()
     pairs_file(bad, 2)
-    T.main(["--method", "dpo", "--model", str(m), "--data", str(bad), "--no-eval", "--out", str(out), "--no-progress"])
+    T.main(["--method", "dpo", "--model", str(m), "--data", str(bad), "--no-eval", "--out", str(out),
+            "--no-progress"])
     assert json.loads((out / "args.json").read_text())["data"] == str(bad)
 
 
@@ -294,12 +305,14 @@ def test_over_long_pairs_are_counted_skips_for_every_judge(tmp_path):
 def test_help_shows_defaults_and_genrm_has_a_progress_bar(tmp_path, capsys):
     helps = []
     # train.py's defaults depend on the run: a real-data run's here, the small world's below
-    for main, argv in ((T.main, ["--data", "pairs.jsonl", "--help"]), (E.main, ["--help"]), (T.main, ["--help"])):
+    for main, argv in ((T.main, ["--data", "pairs.jsonl", "--help"]), (E.main, ["--help"]),
+                       (T.main, ["--help"])):
         with pytest.raises(SystemExit):
             main(argv)
         helps.append(" ".join(capsys.readouterr().out.split()))
     assert "examples (pairs) per micro-batch (default: 16)" in helps[2]
-    assert "examples (pairs) per micro-batch (default: 2)" in helps[0] and "what a run directory keeps" in helps[0]
+    assert ("examples (pairs) per micro-batch (default: 2)" in helps[0]
+            and "what a run directory keeps" in helps[0])
     assert "CoT rationale length cap (default: 256)" in helps[1] and "(default: None)" not in helps[1]
     m = model_dir(tmp_path / "m")
     E.main(["--model", str(m), "--judge", "genrm", "--data", str(pairs_file(tmp_path / "d.jsonl", 2)),

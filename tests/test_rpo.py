@@ -10,7 +10,8 @@ from losses import fused_dpo_loss
 def test_fused_dpo_with_nll_term_matches_autograd(alpha):
     torch.manual_seed(0)
     lengths = [(3, 5), (4, 2), (6, 6)]                      # (chosen, rejected) tokens of each pair
-    seq = torch.tensor([2 * i + j for i, (c, r) in enumerate(lengths) for j, n in enumerate((c, r)) for _ in range(n)])
+    seq = torch.tensor([2 * i + j for i, (c, r) in enumerate(lengths) for j, n in enumerate((c, r))
+                        for _ in range(n)])
     N, H, V, beta = len(seq), 8, 11, 0.1
     hidden = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)

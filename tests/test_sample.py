@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+import sample
 from conftest import tiny_model
 from engine import Engine
-import sample
 from sample import decode_one, generate, pick_next, prefill, top_p_filter
 
 
@@ -68,7 +68,8 @@ def test_logprobs_equal_full_forward():
 def test_top_p_keeps_the_promised_set():
     probs = torch.tensor([[0.1, 0.5, 0.25, 0.15]])
     # at an exact tie (p = 0.5 = mass of the first token) Meta's strict '>' keeps the next token too
-    for p, kept in ((0.45, {1}), (0.5, {1, 2}), (0.6, {1, 2}), (0.74, {1, 2}), (0.76, {1, 2, 3}), (1.0, {0, 1, 2, 3})):
+    for p, kept in ((0.45, {1}), (0.5, {1, 2}), (0.6, {1, 2}), (0.74, {1, 2}), (0.76, {1, 2, 3}),
+                    (1.0, {0, 1, 2, 3})):
         ps, order = top_p_filter(probs, p)
         got = {int(order[0, j]) for j in range(4) if ps[0, j] > 0}
         assert got == kept, (p, got)
@@ -205,7 +206,7 @@ def test_rows_grouped_by_prompt_same_as_each_row_alone(monkeypatch):
         ps = [head + p for p in prompts()]
         kw = dict(n=3, max_new_tokens=7, temperature=1.0, top_p=0.95, seed=2, prompt_batch=2, progress=False)
         kw["stop_ids"] = [c.tokens[2] for o in generate(m, ps, **kw) for c in o][:3]
-        kw.update(then=[7, 8], then_ids=[3, 4])         # a suffix fed after each sample, as the judge's verdict
+        kw.update(then=[7, 8], then_ids=[3, 4])  # a suffix fed after each sample, as the judge's verdict
         layouts = []
         orig = sample._layout
         monkeypatch.setattr(sample, "_layout", lambda *a, **k: layouts.append(orig(*a, **k)) or layouts[-1])
@@ -214,7 +215,8 @@ def test_rows_grouped_by_prompt_same_as_each_row_alone(monkeypatch):
         sizes = [len(x.prompt_len) for x in layouts]
         shrinks = [(a, b) for a, b in zip(sizes, sizes[1:]) if a != b]
         assert shrinks and all(b <= a // 2 for a, b in shrinks)  # free rows kept until half are free
-        monkeypatch.setattr(sample, "_layout", lambda *a, **k: orig(*a, **dict(k, grouped=False)))  # no groups
+        # No groups.
+        monkeypatch.setattr(sample, "_layout", lambda *a, **k: orig(*a, **dict(k, grouped=False)))
         alone = generate(m, ps, **kw)
         monkeypatch.setattr(sample, "_layout", orig)
         step = sample.decode_one                          # the static step (CUDA graphs) with a layout
@@ -281,13 +283,15 @@ def test_continuous_batching_refills_rows_and_keeps_results(monkeypatch):
         assert [c.finish for c in alone[0]] == [c.finish for c in out[i]]
         for x, y in zip(alone[0], out[i]):
             assert torch.allclose(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=1e-5, rtol=0)
-    assert any(c.finish == "stop" for o in out for c in o) and any(c.finish == "length" for o in out for c in o)
+    assert (any(c.finish == "stop" for o in out for c in o)
+            and any(c.finish == "length" for o in out for c in o))
 
 
 def test_bfloat16_model_samples_close_to_float32():
     m = tiny_model(seed=11)
     ps = prompts()
-    out = generate(m.to(torch.bfloat16), ps, n=2, max_new_tokens=6, temperature=1.0, top_p=0.9, progress=False)
+    out = generate(m.to(torch.bfloat16), ps, n=2, max_new_tokens=6, temperature=1.0, top_p=0.9,
+                   progress=False)
     m = m.float()
     for p, o in zip(ps, out):
         for c in o:

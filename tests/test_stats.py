@@ -13,12 +13,14 @@ Z = 1.959963984540054
 def test_wilson_closed_forms_and_published_values():
     assert S.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)   # Newcombe (1998), 5/10
     lo, hi = S.wilson(0, 10)
-    assert lo == pytest.approx(0, abs=1e-12) and hi == pytest.approx(Z * Z / (10 + Z * Z))          # k = 0: upper bound z^2 / (n + z^2)
+    # k = 0: the upper bound is z^2 / (n + z^2).
+    assert lo == pytest.approx(0, abs=1e-12) and hi == pytest.approx(Z * Z / (10 + Z * Z))
     lo, hi = S.wilson(10, 10)
     assert hi == pytest.approx(1.0) and lo == pytest.approx(10 / (10 + Z * Z))
     for k, n in ((3, 17), (40, 64), (1, 2)):
         lo, hi = S.wilson(k, n)
-        assert (lo, hi) == pytest.approx(tuple(1 - x for x in S.wilson(n - k, n)[::-1]))  # symmetric in k <-> n - k
+        # Symmetric in k <-> n - k.
+        assert (lo, hi) == pytest.approx(tuple(1 - x for x in S.wilson(n - k, n)[::-1]))
         for p in (lo, hi):  # the bounds are the p where the score test is at its critical value
             assert (k / n - p) ** 2 == pytest.approx(Z * Z * p * (1 - p) / n)
     with pytest.raises(ValueError, match="n must be positive"):

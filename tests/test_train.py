@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 import train as T
 from conftest import CharTok, tiny_model
-from data import LoadStats, Pair, load_pairs, sft_examples, pair_examples
-from fit import TrainConfig, fit, accumulate_gradients
+from data import LoadStats, Pair, load_pairs, pair_examples, sft_examples
+from fit import TrainConfig, accumulate_gradients, fit
 from genrm import genrm_examples
-from losses import bt_loss, dpo_loss, nll_loss, step_sft, step_genrm, make_step_dpo, add_reference_logps
+from losses import add_reference_logps, bt_loss, dpo_loss, make_step_dpo, nll_loss, step_genrm, step_sft
 from model import Llama
 
 
@@ -28,13 +28,15 @@ def test_bt_loss_closed_form():
 def test_dpo_losses_closed_form():
     z = torch.tensor([-5.0, -12.0])
     assert torch.allclose(dpo_loss(z, z - 3, z, z - 3, beta=0.1), torch.full((2,), math.log(2)))
-    pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]), torch.tensor([-17.0])
+    pc, pr, rc, rr = (torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]),
+                      torch.tensor([-17.0]))
     h = (-10 + 12) - (-20 + 17)  # = 5
     assert math.isclose(float(dpo_loss(pc, pr, rc, rr, beta=0.1)), -math.log(sig(0.5)), rel_tol=1e-6)
     eps = 0.2
     want = -(1 - eps) * math.log(sig(0.5)) - eps * math.log(sig(-0.5))
     assert math.isclose(float(dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=eps)), want, rel_tol=1e-6)
-    assert math.isclose(float(dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")), (h - 1 / 0.2) ** 2, rel_tol=1e-6)
+    assert math.isclose(float(dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="ipo")), (h - 1 / 0.2) ** 2,
+                        rel_tol=1e-6)
     with pytest.raises(ValueError, match="unknown DPO loss kind"):
         dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="hinge")
 
@@ -48,7 +50,8 @@ def test_nll_loss_is_token_sum_and_count():
 
 def test_sft_step_equals_naive_cross_entropy():
     m, tok = tiny_model(seed=1), CharTok()
-    rows = [{"prompt": "hello there", "completion": "general kenobi"}, {"prompt": "q", "completion": "a much longer answer"}]
+    rows = [{"prompt": "hello there", "completion": "general kenobi"},
+            {"prompt": "q", "completion": "a much longer answer"}]
     ex = sft_examples(tok, rows, 500, LoadStats())
     s, _ = step_sft(m, ex, tok.pad_id)
     tot, n = 0.0, 0
@@ -68,7 +71,8 @@ def test_bt_reward_same_with_left_or_right_padding():
     with torch.no_grad():
         r_right = m.reward(*pad(seqs, 0, "right"))
         r_left = m.reward(*pad(seqs, 0, "left"))
-        alone = torch.stack([m.reward(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool))[0] for s in seqs])
+        alone = torch.stack([m.reward(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool))[0]
+                             for s in seqs])
     assert torch.allclose(r_right, r_left, atol=1e-5) and torch.allclose(r_right, alone, atol=1e-5)
 
 
@@ -101,9 +105,11 @@ def test_grad_accumulation_is_a_global_mean():
         losses.append(loss)
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
     m = tiny_model(seed=4)
-    nll = [F.cross_entropy(m(torch.tensor([e.prompt + e.completion]))[0, len(e.prompt) - 1:-1], torch.tensor(e.completion), reduction="sum")
+    nll = [F.cross_entropy(m(torch.tensor([e.prompt + e.completion]))[0, len(e.prompt) - 1:-1],
+                           torch.tensor(e.completion), reduction="sum")
            for e in ex]
-    assert math.isclose(losses[0], float(sum(nll).detach()) / sum(len(e.completion) for e in ex), rel_tol=1e-5)
+    assert math.isclose(losses[0], float(sum(nll).detach()) / sum(len(e.completion) for e in ex),
+                        rel_tol=1e-5)
     assert math.isclose(losses[0], losses[1], rel_tol=1e-6)
 
 
@@ -156,7 +162,8 @@ def test_dpo_starts_at_log2_and_reference_cache_is_reused(tmp_path, monkeypatch)
     assert math.isclose(float(s.detach()) / 4, math.log(2), rel_tol=1e-5)
     loads = []
     orig = Llama.from_pretrained.__func__
-    monkeypatch.setattr(Llama, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a) or orig(cls, *a, **k)))
+    monkeypatch.setattr(Llama, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or orig(cls, *a, **k)))
     ex2 = pair_examples(tok, rows, 500, LoadStats())
     add_reference_logps(base, ex2, tok.pad_id, tmp_path / "ref.pt", 2, torch.float32, "cpu", progress=False)
     assert loads == [] and [e.ref for e in ex2] == [e.ref for e in ex]
@@ -164,7 +171,8 @@ def test_dpo_starts_at_log2_and_reference_cache_is_reused(tmp_path, monkeypatch)
 
 def test_over_long_examples_are_counted_skips():
     tok = CharTok()
-    rows = [{"prompt": "p", "chosen": "c" * 10, "rejected": "r"}, {"prompt": "p", "chosen": "c" * 300, "rejected": "r"}]
+    rows = [{"prompt": "p", "chosen": "c" * 10, "rejected": "r"},
+            {"prompt": "p", "chosen": "c" * 300, "rejected": "r"}]
     st = LoadStats(read=2)
     ex = pair_examples(tok, rows, 100, st)
     assert len(ex) == 1 and st.kept == 1 and st.skipped == {"over-long pair (> 100 tokens)": 1}
@@ -188,11 +196,14 @@ def test_cli_end_to_end_on_the_default_model(tmp_path, smollm):
     tokenizer) that loads back, a metrics row per step, and a report."""
     from data import load_tokenizer
     d = tmp_path / "d.jsonl"
-    d.write_text("\n".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": "no"}) for w in ("yes", "ok")))
-    rep = T.main(["--method", "sft", "--data", str(d), "--no-eval", "--out", str(tmp_path / "run"), "--no-progress"])
+    d.write_text("\n".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": "no"})
+                           for w in ("yes", "ok")))
+    rep = T.main(["--method", "sft", "--data", str(d), "--no-eval", "--out", str(tmp_path / "run"),
+                  "--no-progress"])
     out = tmp_path / "run" / "model"
     m = Llama.from_pretrained(out)
-    assert load_tokenizer(out).encode("Hello world") == load_tokenizer("smollm2-135m-instruct").encode("Hello world")
+    assert (load_tokenizer(out).encode("Hello world")
+            == load_tokenizer("smollm2-135m-instruct").encode("Hello world"))
     assert not all(torch.equal(a, b) for a, b in zip(m.parameters(), smollm.parameters()))  # it trained
     rows = [json.loads(l) for l in open(tmp_path / "run" / "train" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1] and math.isfinite(rows[0]["loss"])
