@@ -57,7 +57,7 @@ def run(cmd):
 
 def recipe_flags(method) -> list:
     """The small world's recipe as train.py flags: what `train.py` alone would default to."""
-    d = train.WORLD_DEFAULTS
+    d = {**train.WORLD_DEFAULTS, **train.WORLD_METHOD_DEFAULTS.get(method, {})}
     return ["--lr", train.WORLD_LR[method], "--dtype", d["dtype"], "--batch-size", d["batch_size"],
             "--max-len", d["max_len"], "--max-new-tokens", d["max_new_tokens"], "--samples-per-prompt",
             d["samples_per_prompt"], "--pairs-per-prompt", d["pairs_per_prompt"], "--dpo-nll", d["dpo_nll"],

@@ -50,6 +50,12 @@ LR = {"sft": 1e-5, "bt_rm": 1e-5, "genrm": 1e-5, "rationalizer": 1e-5, "dpo": 5e
 WORLD_DEFAULTS = dict(dtype="float32", batch_size=16, max_len=256, max_new_tokens=96, samples_per_prompt=8,
                       pairs_per_prompt=3, dpo_nll=1.0, ref_from_previous=True, sample_batch=64, iterations=3,
                       epochs=2, warmup=0.1, save_every=50)
+# STaR-DPO makes 300-800 pairs per iteration where STaR-SFT keeps 6,000-7,400 rationales: four
+# epochs over them. At two, the job's gain on this project's two machine kinds was +0.205 (an AMD
+# EPYC) and +0.050 (an Intel Xeon with AMX; its float32 kernels round differently, so its samples
+# differ from the first iteration on); at four, +0.133 to +0.179 over three seeds on the Xeon
+# (RESULTS.md, the STaR-DPO recipe search).
+WORLD_METHOD_DEFAULTS = {"star_dpo": dict(epochs=4)}
 WORLD_LR = {"sft": 5e-4, "bt_rm": 1e-3, "genrm": 1e-3, "rationalizer": 5e-4, "dpo": 1e-4, "star_sft": 5e-4,
             "star_dpo": 1e-4}
 WORLD_PAIRS = {"train": 3000, "id": 400}  # training pairs (1,000 per STaR iteration), held-out pairs
@@ -329,6 +335,8 @@ def parse_args(argv=None) -> RunConfig:
     args = sys.argv[1:] if argv is None else list(argv)
     in_world = not any(a.split("=")[0] in ("--model", "--data") for a in args)
     D = RunConfig(**WORLD_DEFAULTS, world=True) if in_world else RunConfig()
+    if in_world:
+        D = replace(D, **WORLD_METHOD_DEFAULTS.get(_method_asked(args) or D.method, {}))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                  epilog=_KEEPS)
     ap.add_argument("--method", choices=(*METHODS, "online_dpo"), default=D.method,
@@ -492,14 +500,19 @@ def _read_inputs(cfg: RunConfig):
     return tok, rows, heldout
 
 
-def _asks_online(argv) -> bool:
-    """True when the command line asks for --method online_dpo (as `--method X` or `--method=X`)."""
+def _method_asked(argv) -> str | None:
+    """The value of --method on a command line (`--method X` or `--method=X`), None without one."""
     for i, a in enumerate(argv):
         if a == "--method" and i + 1 < len(argv):
-            return argv[i + 1] == "online_dpo"
+            return argv[i + 1]
         if a.startswith("--method="):
-            return a.split("=", 1)[1] == "online_dpo"
-    return False
+            return a.split("=", 1)[1]
+    return None
+
+
+def _asks_online(argv) -> bool:
+    """True when the command line asks for --method online_dpo."""
+    return _method_asked(argv) == "online_dpo"
 
 
 def _without_method(argv) -> list:
