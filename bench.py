@@ -5,6 +5,8 @@
                                     # measured matmul FLOP/s (fp32, bf16)
   python bench.py logprobs          # fused log-probs vs naive log_softmax, fwd+bwd, peak memory
   python bench.py train             # one DPO optimizer step (packed pairs) vs HF transformers
+  python bench.py world             # the small world's judge: sampler rows x steps per second and
+                                    # aten ops per decode step (STaR sampling and judging shapes)
 
 On a CUDA GPU (random weights of the model's shape; HF transformers shares the same tensors):
   python bench.py logprobs --cuda   # bf16 at H=4096, V=128256, N=16384, against naive and Liger
@@ -36,7 +38,7 @@ from bench_gpu import (
     timed,
     weight_matmuls_case,
 )
-from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
+from data import Example, Pair, load_pairs, load_tokenizer, prompt_completion_batch
 from eval import HelpFormatter
 from files import DEFAULT_MODEL, resolve_model
 from genrm import judge_messages
@@ -54,10 +56,12 @@ def bench_sample(a):
     tok = load_tokenizer(DEFAULT_MODEL)
     chat = tok.apply_chat([{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
     # the bundled judge prompt closest to 600 tokens
-    judge = min((tok.apply_chat(judge_messages(p, True)) for p in load_pairs("assets/data/train_small.jsonl")),
+    judge = min((tok.apply_chat(judge_messages(p, True))
+                 for p in load_pairs("assets/data/train_small.jsonl")),
                 key=lambda ids: abs(len(ids) - 600))
     new, n = a.new_tokens, 8
-    print(f"chat prompt {len(chat)} tokens; judge prompt {len(judge)} tokens; {new} new tokens; {a.threads} threads")
+    print(f"chat prompt {len(chat)} tokens; judge prompt {len(judge)} tokens; {new} new tokens; "
+          f"{a.threads} threads")
 
     def nocache(prompt):
         with torch.no_grad():
@@ -85,8 +89,8 @@ def bench_sample(a):
              ("(c) judge, n=8, top-p 0.95, ours bf16", judge, n, 1.0, m16)]
     for name, prompt, rows_n, temp, model in cases:
         toks = rows_n * new
-        ours = timed(lambda: generate(model, [prompt], n=rows_n, max_new_tokens=new, temperature=temp, top_p=0.95,
-                                      progress=False), a.repeats)
+        ours = timed(lambda: generate(model, [prompt], n=rows_n, max_new_tokens=new, temperature=temp,
+                                      top_p=0.95, progress=False), a.repeats)
         row = {"case": name, "ours_tok_s": toks / ours[0], "ours_tok_s_median": toks / ours[1]}
         if a.nocache and rows_n == 1:
             row["nocache_tok_s"] = toks / timed(lambda: nocache(prompt), 1)[0]
@@ -100,34 +104,88 @@ def bench_sample(a):
     for dt, model in (("float32", m), ("bfloat16", m16)):
         t, w = decode_step_case(model, judge, n, a.repeats), weight_matmuls_case(model, n, a.repeats)
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied lm_head once
-        ctx = len(judge) + 8 * (a.repeats + 1)  # the mean context of decode_step_case's 16 * (repeats + 1) steps
+        # The mean context of decode_step_case's 16 * (repeats + 1) steps.
+        ctx = len(judge) + 8 * (a.repeats + 1)
         flops, peak = decode_flops(model, n, ctx), gemm_flops(model.lm_head.weight.dtype)
         limit = max(wbytes / bw, flops / peak)  # the step can beat neither reading the weights nor its FLOPs
-        steps.append({"dtype": dt, "step_ms": t[0] * 1e3, "step_ms_median": t[1] * 1e3, "weight_mb": wbytes / 1e6,
-                      "bandwidth_gb_s": bw / 1e9, "limit_ms": wbytes / bw * 1e3, "ratio_to_limit": t[0] * bw / wbytes,
-                      "gflop": flops / 1e9, "gemm_gflop_s": peak / 1e9, "flop_limit_ms": flops / peak * 1e3,
-                      "ratio_to_both_limits": t[0] / limit, "matmuls_ms": w[0] * 1e3, "matmuls_ms_median": w[1] * 1e3,
+        steps.append({"dtype": dt, "step_ms": t[0] * 1e3, "step_ms_median": t[1] * 1e3,
+                      "weight_mb": wbytes / 1e6, "bandwidth_gb_s": bw / 1e9, "limit_ms": wbytes / bw * 1e3,
+                      "ratio_to_limit": t[0] * bw / wbytes, "gflop": flops / 1e9, "gemm_gflop_s": peak / 1e9,
+                      "flop_limit_ms": flops / peak * 1e3, "ratio_to_both_limits": t[0] / limit,
+                      "matmuls_ms": w[0] * 1e3, "matmuls_ms_median": w[1] * 1e3,
                       "matmuls_ratio_to_limit": w[0] * bw / wbytes})
         print(json.dumps(steps[-1]))
-    print("\n| case | ours tok/s (best / median) | HF generate tok/s (best / median) | ours / HF | no-cache loop tok/s |")
+    print("\n| case | ours tok/s (best / median) | HF generate tok/s (best / median) | ours / HF | "
+          "no-cache loop tok/s |")
     print("|---|---|---|---|---|")
     for r in rows:
         hfc = f"{r['hf_tok_s']:.1f} / {r['hf_tok_s_median']:.1f}" if "hf_tok_s" in r else "-"
         rat = f"{r['ratio_vs_hf']:.2f}x" if "ratio_vs_hf" in r else "-"
         nc = f"{r['nocache_tok_s']:.1f}" if "nocache_tok_s" in r else "-"
-        print(f"| {r['case']} | {r['ours_tok_s']:.1f} / {r['ours_tok_s_median']:.1f} | {hfc} | {rat} | {nc} |")
-    print(f"\ndecode step, {n} rows after the {len(judge)}-token judge prompt (forward, lm_head, top-p pick); "
-          f"limit = weight bytes / bandwidth (sum over 512 MiB, best of 5); FLOP limit = the step's FLOPs / "
-          f"a 1024^3 matmul's FLOP/s (best of 5); weight matmuls = the step's matmuls alone on the sampler's packed "
-          f"weights (the floor its kernels put under the step)\n")
+        print(f"| {r['case']} | {r['ours_tok_s']:.1f} / {r['ours_tok_s_median']:.1f} | "
+              f"{hfc} | {rat} | {nc} |")
+    print(f"\ndecode step, {n} rows after the {len(judge)}-token judge prompt (forward, lm_head, "
+          f"top-p pick); limit = weight bytes / bandwidth (sum over 512 MiB, best of 5); FLOP limit = "
+          f"the step's FLOPs / a 1024^3 matmul's FLOP/s (best of 5); weight matmuls = the step's "
+          f"matmuls alone on the sampler's packed weights (the floor its kernels put under the step)\n")
     print("| dtype | step ms (best / median) | weights MB | bandwidth GB/s | limit ms | step / limit | "
-          "GFLOP | matmul GFLOP/s | FLOP limit ms | step / larger limit | weight matmuls ms | matmuls / limit |")
+          "GFLOP | matmul GFLOP/s | FLOP limit ms | step / larger limit | weight matmuls ms | "
+          "matmuls / limit |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in steps:
         print(f"| {r['dtype']} | {r['step_ms']:.1f} / {r['step_ms_median']:.1f} | {r['weight_mb']:.0f} | "
-              f"{r['bandwidth_gb_s']:.1f} | {r['limit_ms']:.1f} | {r['ratio_to_limit']:.2f}x | {r['gflop']:.2f} | "
-              f"{r['gemm_gflop_s']:.0f} | {r['flop_limit_ms']:.1f} | {r['ratio_to_both_limits']:.2f}x | "
-              f"{r['matmuls_ms']:.1f} / {r['matmuls_ms_median']:.1f} | {r['matmuls_ratio_to_limit']:.2f}x |")
+              f"{r['bandwidth_gb_s']:.1f} | {r['limit_ms']:.1f} | {r['ratio_to_limit']:.2f}x | "
+              f"{r['gflop']:.2f} | {r['gemm_gflop_s']:.0f} | {r['flop_limit_ms']:.1f} | "
+              f"{r['ratio_to_both_limits']:.2f}x | {r['matmuls_ms']:.1f} / {r['matmuls_ms_median']:.1f} | "
+              f"{r['matmuls_ratio_to_limit']:.2f}x |")
+
+
+# ----------------------------------------------------------------------------------------------
+# the small world's sampler: a 0.45M-parameter judge, where a decode step is per-op overhead
+
+def count_aten_ops(fn) -> int:
+    """aten operator calls made by fn() (torch.profiler, CPU events of the aten namespace)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def bench_world(a):
+    """The small world's sampler on its judge's own prompts, at the two shapes its jobs use: STaR
+    sampling (64 prompts x 8 rationales, train.WORLD_DEFAULTS) and judging with maj@16 (64 prompts x
+    16, compare_world's eval batch). Every row decodes exactly --new-tokens tokens (no stop ids), so
+    rows x steps per second is the sampler's throughput and ops per decode step the difference in
+    aten calls between --new-tokens and half as many, per step."""
+    import train
+    import world
+    torch.set_num_threads(a.threads)
+    base = train.world_base(train.parse_args(["--no-progress"]))
+    m, tok = Llama.from_pretrained(base).eval(), load_tokenizer(base)
+    pairs = [Pair(id=r["id"], prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
+             for r in world.make_pairs(64, 0, "id")]
+    prompts = [tok.apply_chat(judge_messages(p, True)) for p in pairs]
+    new = a.new_tokens
+    print(f"small-world judge {base}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
+          f"judge prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new} new tokens")
+    rows = []
+    for name, n in (("STaR sampling, 64 prompts x 8", 8), ("judging maj@16, 64 prompts x 16", 16)):
+        def run(steps, n=n):
+            return generate(m, prompts, n=n, max_new_tokens=steps, temperature=1.0, top_p=0.95, seed=0,
+                            prompt_batch=64, progress=False)
+        t = timed(lambda: run(new), a.repeats)
+        ops_full, ops_half = count_aten_ops(lambda: run(new)), count_aten_ops(lambda: run(new // 2))
+        per_step = (ops_full - ops_half) / (new - new // 2)
+        work = len(prompts) * n * new
+        rows.append({"case": name, "rows": len(prompts) * n, "rows_steps_s": work / t[0],
+                     "rows_steps_s_median": work / t[1], "ms_per_step": t[0] / new * 1e3,
+                     "aten_ops_per_step": per_step})
+        print(json.dumps(rows[-1]))
+    print("\n| case | rows | rows x steps / s (best / median) | ms per decode step | aten ops per step |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['rows']} | {r['rows_steps_s']:.0f} / {r['rows_steps_s_median']:.0f} | "
+              f"{r['ms_per_step']:.1f} | {r['aten_ops_per_step']:.0f} |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +203,7 @@ def logprobs_case(kind, N, H, V, dtype, device, repeats, chunk):
     t = torch.randint(0, V, (N,), device=device)
     w.grad = torch.zeros_like(w)
     h.grad = torch.zeros_like(h)
-    seq = torch.arange(N // 64, device=device).repeat_interleave(64)              # [N] 2i chosen, 2i + 1 rejected
+    seq = torch.arange(N // 64, device=device).repeat_interleave(64)  # [N] 2i chosen, 2i + 1 rejected
     rc, rr = (torch.randn(N // 128, device=device) - 64 * math.log(V) for _ in range(2))  # reference sums
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # GiB (ru_maxrss is KiB)
     liger = {}
@@ -188,8 +246,8 @@ def logprobs_case(kind, N, H, V, dtype, device, repeats, chunk):
         work = peak - base
     tmin, tmed = timed(run, repeats)
     work_logits = work - w.numel() * 4 / 2 ** 30  # minus the one transient float32 dW both ways hold
-    return {"work_logits_gib": work_logits, "kind": kind, "N": N, "H": H, "V": V, "dtype": dtype, "device": device, "peak_gib": peak,
-            "work_gib": work, "t_min": tmin, "t_median": tmed}
+    return {"work_logits_gib": work_logits, "kind": kind, "N": N, "H": H, "V": V, "dtype": dtype,
+            "device": device, "peak_gib": peak, "work_gib": work, "t_min": tmin, "t_median": tmed}
 
 
 def bench_logprobs(a):
@@ -217,18 +275,20 @@ def bench_logprobs(a):
     print(f"\nforward + backward, chunk={a.chunk or 'auto'} rows, {a.threads} threads, {a.repeats} runs; "
           "peak = max RSS (CUDA: max allocated); working = peak minus inputs and preallocated grads; "
           "logit memory = working minus the one transient dW both ways allocate; dpo rows: pairs of 64 + 64 "
-          "completion tokens, measured against naive_dpo (full logits, log_softmax + gather, sums, dpo_loss)\n")
-    print("| shape (N, H, V) | dtype | way | time min / median s | naive / this time | peak GiB | naive / this peak "
-          "| working GiB | logit memory GiB | naive / this logit memory |")
+          "completion tokens, measured against naive_dpo (full logits, log_softmax + gather, sums, "
+          "dpo_loss)\n")
+    print("| shape (N, H, V) | dtype | way | time min / median s | naive / this time | peak GiB "
+          "| naive / this peak | working GiB | logit memory GiB | naive / this logit memory |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     by = {(r["N"], r["H"], r["V"], r["dtype"], r["kind"]): r for r in rows}
     for (N, H, V, dt, k), r in by.items():
         n = by.get((N, H, V, dt, "naive_dpo" if "dpo" in k else "naive"))  # DPO rows against naive DPO
         if n is None:
             continue
-        print(f"| ({N}, {H}, {V}) | {dt} | {k} | {r['t_min']:.2f} / {r['t_median']:.2f} | {n['t_min'] / r['t_min']:.2f}x "
-              f"| {r['peak_gib']:.2f} | {n['peak_gib'] / r['peak_gib']:.1f}x | {r['work_gib']:.2f} "
-              f"| {r['work_logits_gib']:.2f} | {n['work_logits_gib'] / max(r['work_logits_gib'], 1e-2):.1f}x |")
+        print(f"| ({N}, {H}, {V}) | {dt} | {k} | {r['t_min']:.2f} / {r['t_median']:.2f} "
+              f"| {n['t_min'] / r['t_min']:.2f}x | {r['peak_gib']:.2f} "
+              f"| {n['peak_gib'] / r['peak_gib']:.1f}x | {r['work_gib']:.2f} | {r['work_logits_gib']:.2f} "
+              f"| {n['work_logits_gib'] / max(r['work_logits_gib'], 1e-2):.1f}x |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,8 +346,8 @@ def bench_train(a):
              "HF float32": (hf, hf_step, False), "HF bf16 autocast": (hf, hf_step, True)}
     P = [len(e.prompt) for e in batch]
     C = [len(e.completion) + len(e.rejected) for e in batch]
-    print(f"DPO step, batch {len(batch)} pairs: judge prompts {P} tokens, rationales 64 + 64; tokens through the "
-          f"model: packed {sum(P) + sum(C)}, separate {2 * sum(P) + sum(C)} "
+    print(f"DPO step, batch {len(batch)} pairs: judge prompts {P} tokens, rationales 64 + 64; "
+          f"tokens through the model: packed {sum(P) + sum(C)}, separate {2 * sum(P) + sum(C)} "
           f"({(2 * sum(P) + sum(C)) / (sum(P) + sum(C)):.2f}x); {a.threads} threads")
     for c in cases.values():  # warm-up
         step(*c)
@@ -298,7 +358,8 @@ def bench_train(a):
             step(*c)
             ts[k].append(time.perf_counter() - t)
     hf32 = ts["HF float32"]
-    print("\n| one DPO optimizer step | s (min / median) | HF float32 / this (min / median) | HF same precision / this |")
+    print("\n| one DPO optimizer step | s (min / median) | HF float32 / this (min / median) | "
+          "HF same precision / this |")
     print("|---|---|---|---|")
     for k, t in ts.items():
         same = ts["HF bf16 autocast" if "bf16" in k else "HF float32"]
@@ -352,7 +413,7 @@ def machine_info(threads, cpuinfo=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("what", choices=("sample", "logprobs", "train"))
+    ap.add_argument("what", choices=("sample", "logprobs", "train", "world"))
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per case (min and median printed)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--new-tokens", type=int, default=128, help="sample: tokens generated per row")
@@ -360,13 +421,16 @@ def main():
     ap.add_argument("--chunk", type=int, default=0,
                     help="fused kernel rows per chunk (0: ~512 MiB of float32 logits, 2 GiB on CUDA)")
     ap.add_argument("--cuda", action="store_true", help="the CUDA GPU cases (bf16) instead of the CPU ones")
-    ap.add_argument("--kinds", default="fused,fused_sum,naive,dpo,naive_dpo", help="logprobs: the ways to run")
-    g = ap.add_argument_group("with --cuda (or --device cpu --shapes tiny / --shape tiny: a check of this code)")
+    ap.add_argument("--kinds", default="fused,fused_sum,naive,dpo,naive_dpo",
+                    help="logprobs: the ways to run")
+    g = ap.add_argument_group("with --cuda (or --device cpu --shapes tiny / --shape tiny: "
+                              "a check of this code)")
     g.add_argument("--device", default="cuda", help="where the --cuda cases run")
     g.add_argument("--shapes", default="smollm2-135m,llama3.1-8b", help="sample: model shapes")
     g.add_argument("--shape", default="llama3.1-8b", help="train: model shape")
     g.add_argument("--layers", type=int, default=32, help="train: layers of the bf16-weights SGD step")
-    g.add_argument("--layers-adamw", type=int, default=8, help="train: layers of the float32-master AdamW step")
+    g.add_argument("--layers-adamw", type=int, default=8,
+                   help="train: layers of the float32-master AdamW step")
     g.add_argument("--pairs", type=int, default=4, help="train: pairs per step")
     g.add_argument("--prompt-tokens", type=int, default=1024, help="train: prompt tokens per pair")
     g.add_argument("--completion-tokens", type=int, default=256, help="train: tokens of each completion")
@@ -375,7 +439,8 @@ def main():
     if a.cuda and a.what != "logprobs":
         {"sample": bench_sample_cuda, "train": bench_train_cuda}[a.what](a)
         return
-    {"sample": bench_sample, "logprobs": bench_logprobs, "train": bench_train}[a.what](a)
+    cases = {"sample": bench_sample, "logprobs": bench_logprobs, "train": bench_train, "world": bench_world}
+    cases[a.what](a)
 
 
 if __name__ == "__main__":
