@@ -33,7 +33,7 @@ wrong one, two wrong answers tie: the ceiling). Outside the small world (--polic
 given) the CoT judges are --judge-model (default SmolLM2-135M-Instruct) and there is no truth.
 
 The small world's policy task (world.py, "the policy task"): the question is the user turn, the
-answer is the sum's digits least significant first; the policy is a 0.45M-parameter Llama
+answer is the sum's digits least significant first; the policy is a 0.2M-parameter Llama
 pretrained here on sloppy answers (a carry forgotten with probability 0.6) and cached under
 $GENRM_CACHE/world/policy-<hash>. Its held-out accuracy (greedy, on questions never trained on)
 is reported before and after with 95% intervals and a paired bootstrap, and so is where judge and

@@ -291,7 +291,7 @@ if __name__ == "__main__":
 # right: partly right, with room to improve.
 
 POLICY_DROP = 0.6
-# about 0.16M parameters (width 64, 3 layers); a question and its answer take < 30 positions
+# about 0.2M parameters (width 64, 3 layers); a question and its answer take < 30 positions
 POLICY_CONFIG = dict(BASE_CONFIG, hidden_size=64, num_hidden_layers=3, head_dim=16,
                      max_position_embeddings=64)
 POLICY_RECIPE = dict(config=POLICY_CONFIG, demonstrations=64000, drop=POLICY_DROP, lr=3e-3, batch_size=64,
