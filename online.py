@@ -569,6 +569,9 @@ def run(cfg: OnlineConfig, out, log=print) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_run_dir(cfg, out)
+    # Every rank checks --out before rank 0 creates it below; without the barrier a fast rank 0
+    # could write args.json before a slower rank looked, which would then refuse the new run.
+    dist.barrier()
     if cfg.judge == "truth" and not cfg.world:
         raise SystemExit("error: --judge truth needs the small world (real prompts have no truth)")
     policy_path = world_policy(cfg.threads, log) if cfg.world else cfg.policy or DEFAULT_MODEL

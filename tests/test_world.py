@@ -121,7 +121,9 @@ def test_train_runs_in_the_world_only_without_model_and_data(tmp_path, monkeypat
     monkeypatch.setenv("GENRM_CACHE", str(tmp_path))
     world_cfg = train.parse_args([])
     assert world_cfg.world and world_cfg.learning_rate == train.WORLD_LR["star_dpo"]
-    assert all(getattr(world_cfg, k) == v for k, v in train.WORLD_DEFAULTS.items())
+    expected = {**train.WORLD_DEFAULTS, **train.WORLD_METHOD_DEFAULTS["star_dpo"]}
+    assert all(getattr(world_cfg, k) == v for k, v in expected.items())
+    assert train.parse_args(["--method", "star_sft"]).epochs == train.WORLD_DEFAULTS["epochs"]
     for argv in (["--data", "x.jsonl"], ["--model", "m"], ["--data=x.jsonl"]):
         real = train.parse_args(argv)
         assert not real.world and real.learning_rate == train.LR["star_dpo"] and real.dtype == "bfloat16"
