@@ -132,3 +132,24 @@ def load_state_dict(path: Path) -> dict:
 def write_safetensors(path, tensors: dict):
     """Write tensors (name -> contiguous CPU tensor) as one safetensors file, atomically."""
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def check_run_dir(out: Path, resume: bool, conflicts):
+    """A new run needs an empty `out`; a resumed one needs the arguments it was started with.
+    `conflicts(old)` gets the run's args.json (its record, never rewritten) and returns one
+    "--flag old -> new" string per argument that would change the run. Refusals are SystemExit
+    with one line."""
+    out = Path(out)
+    args_f = out / "args.json"
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise SystemExit(f"{out} exists and is not empty: pass --resume to continue it "
+                         "or --out for a new run")
+    if resume and args_f.exists():
+        try:
+            old = read_json(args_f)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        diff = conflicts(old)
+        if diff:
+            raise SystemExit(f"error: --resume with arguments that change the run in {out} ({args_f}): "
+                             + "; ".join(diff) + ". Resume with the original arguments, or start a new --out")

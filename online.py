@@ -70,7 +70,7 @@ import stats
 import world
 from data import Example, LoadStats, Pair, completion_ids, load_pairs, load_tokenizer, pad
 from eval import HelpFormatter, judge_positions, number
-from files import DEFAULT_MODEL, read_json, read_jsonl, write_json, write_jsonl
+from files import DEFAULT_MODEL, check_run_dir, read_json, read_jsonl, write_json, write_jsonl
 from fit import _loadable_checkpoint, prune_checkpoints, save_checkpoint, save_model
 from kernels import pair_logps
 from losses import make_step_dpo
@@ -522,23 +522,16 @@ def paired_change(before, after, log) -> dict:
 # ----------------------------------------------------------------------------------------------
 # the run
 
+def _resume_conflicts(cfg: OnlineConfig, old: dict) -> list:
+    """The arguments of cfg that differ from the run's args.json and would change what it computes."""
+    new, default = asdict(cfg), asdict(OnlineConfig())
+    return [f"--{k.replace('_', '-')} {old.get(k, default[k])} -> {v}" for k, v in new.items()
+            if k not in RESUME_FREE and old.get(k, default[k]) != v]
+
+
 def _check_run_dir(cfg: OnlineConfig, out: Path):
     """A new run needs an empty --out; --resume needs the arguments it was started with."""
-    args_f = out / "args.json"
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise SystemExit(f"{out} exists and is not empty: "
-                         "pass --resume to continue it or --out for a new run")
-    if cfg.resume and args_f.exists():
-        try:
-            old = read_json(args_f)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        new, default = asdict(cfg), asdict(OnlineConfig())
-        diff = [f"--{k.replace('_', '-')} {old.get(k, default[k])} -> {v}" for k, v in new.items()
-                if k not in RESUME_FREE and old.get(k, default[k]) != v]
-        if diff:
-            raise SystemExit(f"error: --resume with arguments that change the run in {out} ({args_f}): "
-                             + "; ".join(diff) + ". Resume with the original arguments, or start a new --out")
+    check_run_dir(out, cfg.resume, partial(_resume_conflicts, cfg))
 
 
 def _load(path, cfg: OnlineConfig, train=False, score_head=None):

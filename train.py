@@ -20,6 +20,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ import stats
 import world
 from data import LoadStats, load_completions, load_pairs, load_tokenizer, pair_examples, sft_examples
 from eval import HelpFormatter, judge_report, number
-from files import read_json, read_jsonl, write_json, write_jsonl
+from files import check_run_dir, read_json, read_jsonl, write_json, write_jsonl
 from fit import TrainConfig, fit, micro_batches, prune_checkpoints, save_model
 from gguf import DEFAULT_MODEL
 from losses import add_reference_logps, make_step_dpo, step_bt, step_genrm, step_sft
@@ -451,21 +452,8 @@ def _resume_conflicts(cfg: RunConfig, old: dict) -> list:
 
 
 def _check_run_dir(cfg: RunConfig, out: Path):
-    """A new run needs an empty --out; --resume needs the arguments the run was started with
-    (args.json is the run's record and is never rewritten). Refusals are SystemExit(one line)."""
-    args_f = out / "args.json"
-    if out.exists() and any(out.iterdir()) and not cfg.resume:
-        raise SystemExit(f"{out} exists and is not empty: pass --resume to continue it "
-                         "or --out for a new run")
-    if cfg.resume and args_f.exists():
-        try:
-            old = read_json(args_f)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        diff = _resume_conflicts(cfg, old)
-        if diff:
-            raise SystemExit(f"error: --resume with arguments that change the run in {out} ({args_f}): "
-                             + "; ".join(diff) + ". Resume with the original arguments, or start a new --out")
+    """A new run needs an empty --out; --resume needs the arguments the run was started with."""
+    check_run_dir(out, cfg.resume, partial(_resume_conflicts, cfg))
 
 
 def _read_inputs(cfg: RunConfig):

@@ -99,9 +99,10 @@ def write_tokenizer(path):
     atomic_write(Path(path), lambda f: tok.save(str(f)))
 
 
-def write_initial_model(directory, seed: int):
-    """A randomly initialised base network and the world's tokenizer, as an HF-format model
-    directory: the starting point of the base judge's pretraining (train.pretrain_world)."""
+def write_initial_model(directory, seed: int, config: dict | None = None):
+    """A randomly initialised network of shape `config` (default BASE_CONFIG) and the world's
+    tokenizer, as an HF-format model directory: the starting point of the base judge's
+    pretraining (train.world_base) and, with POLICY_CONFIG, of the policy's."""
     import torch
 
     from data import load_tokenizer
@@ -110,7 +111,7 @@ def write_initial_model(directory, seed: int):
     write_tokenizer(directory / "tokenizer.json")
     tok = load_tokenizer(directory)
     torch.manual_seed(seed)
-    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eot_id, **BASE_CONFIG))
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eot_id, **(config or BASE_CONFIG)))
     with torch.no_grad():  # GPT-2's initialisation: N(0, 0.02) for every matrix, RMSNorm weights at 1
         for name, p in model.named_parameters():
             if "norm" not in name:
@@ -364,18 +365,5 @@ def true_answer(question: str) -> str:
 
 def write_initial_policy(directory, seed: int):
     """A randomly initialised policy network (POLICY_CONFIG) and the world's tokenizer, as an
-    HF-format model directory; the same initialisation as write_initial_model."""
-    import torch
-
-    from data import load_tokenizer
-    from model import Llama, LlamaConfig
-    directory = Path(directory)
-    write_tokenizer(directory / "tokenizer.json")
-    tok = load_tokenizer(directory)
-    torch.manual_seed(seed)
-    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, eos_token_id=tok.eot_id, **POLICY_CONFIG))
-    with torch.no_grad():  # GPT-2's initialisation: N(0, 0.02) for every matrix, RMSNorm weights at 1
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0.0, 0.02)
-    model.save_pretrained(directory)
+    HF-format model directory: write_initial_model with the policy's shape."""
+    write_initial_model(directory, seed, POLICY_CONFIG)
