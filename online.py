@@ -712,7 +712,7 @@ def summarize_steps(history) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# command line (train.py --method online_dpo declares the same options through add_arguments)
+# command line (train.py --method online_dpo hands its arguments to main below)
 
 def add_arguments(ap, D: OnlineConfig = OnlineConfig()):
     """The online loop's options, on an argparse parser (online.py's own, or train.py's)."""

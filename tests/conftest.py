@@ -1,5 +1,8 @@
 """Shared fixtures. Golden files ship in tests/golden (`golden`); the few tests that read what is too
 large to ship from ../shared skip with a reason when it is absent (`need_shared`)."""
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -92,3 +95,17 @@ class CharTok:
             text = m["content"][:20] if m["role"] == "system" else m["content"]  # keep prompts short
             ids += [1] + self.encode(m["role"][:1] + text) + [2]
         return ids + ([1] if add_generation_prompt else [])
+
+
+def run_workers(cmd, timeout=300):
+    """Run a torchrun (or plain worker) command line with one thread per process; on a timeout kill
+    its whole process group, the workers too, not only the launcher. Asserts it exited 0."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise
+    assert p.returncode == 0, err[-4000:]

@@ -1,15 +1,12 @@
 """torchrun with 2 CPU processes (gloo, FSDP2) gives what one process gives (issue: scale out)."""
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import run_workers, tiny_model
 from model import Llama
 
 HERE = Path(__file__).resolve().parent
@@ -22,15 +19,7 @@ def launch(case, tmp, nproc):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(HERE / "dist_worker.py"), case, str(tmp)] if nproc > 1 else \
           [sys.executable, str(HERE / "dist_worker.py"), case, str(tmp)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
-    try:
-        _, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the workers too, not only the launcher
-        raise
-    assert p.returncode == 0, err[-4000:]
+    run_workers(cmd)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@ determinism under batch sizes, resume after a kill, and torchrun on 2 CPU ranks 
 Run as a script (`tests/test_online.py worker DIR`) it is the torchrun worker."""
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 import online  # noqa: E402
 import rewards  # noqa: E402
 import world  # noqa: E402
+from conftest import run_workers  # noqa: E402
 from data import load_tokenizer  # noqa: E402
 from files import write_jsonl  # noqa: E402
 from model import Llama, LlamaConfig  # noqa: E402
@@ -329,15 +327,7 @@ def test_help_and_defaults():
 def launch(tmp, nproc, case):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            __file__, "worker", str(tmp), case]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                         start_new_session=True)
-    try:
-        _, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # the workers too, not only the launcher
-        raise
-    assert p.returncode == 0, err[-4000:]
+    run_workers(cmd)
 
 
 def worker(tmp, case):
