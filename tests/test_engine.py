@@ -31,3 +31,14 @@ def test_generate_equals_the_reference_loop():
     assert {c.finish for o in ref for c in o} == {"stop", "length"}
     for prompt_batch in (1, 8):                          # refilled rows; all rows at once, grouped by prompt
         _same(generate(m, ps, prompt_batch=prompt_batch, progress=False, **sampled), ref)
+
+
+def test_one_row_generate_equals_the_reference_loop():
+    # A one-row engine keeps the weights in F.linear's layout (pack_weight): a different matmul
+    # kernel from the packed one of a many-row engine, so it is checked against the plain loop too.
+    m = tiny_model(seed=8)
+    g = torch.Generator().manual_seed(2)
+    ps = [torch.randint(3, 300, (13,), generator=g).tolist()]
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3, then=[7, 8], then_ids=[3, 4])):
+        _same(generate(m, ps, max_new_tokens=9, progress=False, **kw),
+              reference_generate(m, ps, max_new_tokens=9, **kw))
