@@ -38,12 +38,14 @@ from bench_gpu import (
     timed,
     weight_matmuls_case,
 )
-from data import Example, Pair, load_pairs, load_tokenizer, prompt_completion_batch
+from bench_world import bench_world
+from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
 from eval import HelpFormatter
 from files import DEFAULT_MODEL, resolve_model
 from genrm import judge_messages
 from kernels import fused_logprob_sum, fused_logprobs, pair_logps
 from losses import dpo_loss, fused_dpo_loss, make_step_dpo
+from machine import machine_info
 from model import Llama
 from sample import generate
 
@@ -138,54 +140,6 @@ def bench_sample(a):
               f"{r['gflop']:.2f} | {r['gemm_gflop_s']:.0f} | {r['flop_limit_ms']:.1f} | "
               f"{r['ratio_to_both_limits']:.2f}x | {r['matmuls_ms']:.1f} / {r['matmuls_ms_median']:.1f} | "
               f"{r['matmuls_ratio_to_limit']:.2f}x |")
-
-
-# ----------------------------------------------------------------------------------------------
-# the small world's sampler: a 0.45M-parameter judge, where a decode step is per-op overhead
-
-def count_aten_ops(fn) -> int:
-    """aten operator calls made by fn() (torch.profiler, CPU events of the aten namespace)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-
-
-def bench_world(a):
-    """The small world's sampler on its judge's own prompts, at the two shapes its jobs use: STaR
-    sampling (64 prompts x 8 rationales, train.WORLD_DEFAULTS) and judging with maj@16 (64 prompts x
-    16, compare_world's eval batch). Every row decodes exactly --new-tokens tokens (no stop ids), so
-    rows x steps per second is the sampler's throughput and ops per decode step the difference in
-    aten calls between --new-tokens and half as many, per step."""
-    import train
-    import world
-    torch.set_num_threads(a.threads)
-    base = train.world_base(train.parse_args(["--no-progress"]))
-    m, tok = Llama.from_pretrained(base).eval(), load_tokenizer(base)
-    pairs = [Pair(id=r["id"], prompt=r["prompt"], chosen=r["chosen"], rejected=r["rejected"])
-             for r in world.make_pairs(64, 0, "id")]
-    prompts = [tok.apply_chat(judge_messages(p, True)) for p in pairs]
-    new = a.new_tokens
-    print(f"small-world judge {base}: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
-          f"judge prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {new} new tokens")
-    rows = []
-    for name, n in (("STaR sampling, 64 prompts x 8", 8), ("judging maj@16, 64 prompts x 16", 16)):
-        def run(steps, n=n):
-            return generate(m, prompts, n=n, max_new_tokens=steps, temperature=1.0, top_p=0.95, seed=0,
-                            prompt_batch=64, progress=False)
-        t = timed(lambda: run(new), a.repeats)
-        ops_full, ops_half = count_aten_ops(lambda: run(new)), count_aten_ops(lambda: run(new // 2))
-        per_step = (ops_full - ops_half) / (new - new // 2)
-        work = len(prompts) * n * new
-        rows.append({"case": name, "rows": len(prompts) * n, "rows_steps_s": work / t[0],
-                     "rows_steps_s_median": work / t[1], "ms_per_step": t[0] / new * 1e3,
-                     "aten_ops_per_step": per_step})
-        print(json.dumps(rows[-1]))
-    print("\n| case | rows | rows x steps / s (best / median) | ms per decode step | aten ops per step |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['rows']} | {r['rows_steps_s']:.0f} / {r['rows_steps_s_median']:.0f} | "
-              f"{r['ms_per_step']:.1f} | {r['aten_ops_per_step']:.0f} |")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,45 +325,6 @@ def bench_train(a):
 
 # ----------------------------------------------------------------------------------------------
 # the machine a run measured (printed first by every run: figures compare only within one kind)
-
-ISA_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # AVX-512, AVX512-BF16, AMX
-
-
-def parse_cpuinfo(text):
-    """(CPU model, the ISA_FLAGS it lists) from /proc/cpuinfo or `lscpu` text ("model name" /
-    "Model name", "flags" / "Flags" lines; the first of each counts)."""
-    model, flags = None, None
-    for line in text.splitlines():
-        key, sep, val = line.partition(":")
-        key = key.strip().lower()
-        if sep and key == "model name" and model is None:
-            model = val.strip()
-        elif sep and key in ("flags", "features") and flags is None:
-            flags = set(val.split())
-    return model or "unknown CPU", [f for f in ISA_FLAGS if f in (flags or ())]
-
-
-def machine_info(threads, cpuinfo=None):
-    """One line: CPU model, which of ISA_FLAGS it has, torch and transformers versions, threads.
-    `cpuinfo`: the text to parse (default /proc/cpuinfo, else `lscpu`'s output)."""
-    from importlib.metadata import PackageNotFoundError, version
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            try:
-                cpuinfo = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-            except (OSError, subprocess.SubprocessError):
-                cpuinfo = ""
-    model, have = parse_cpuinfo(cpuinfo)
-    isa = ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in ISA_FLAGS)
-    try:
-        hf = version("transformers")
-    except PackageNotFoundError:
-        hf = "not installed"
-    return f"machine: {model}; {isa}; torch {torch.__version__}; transformers {hf}; {threads} threads"
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)

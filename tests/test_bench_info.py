@@ -1,7 +1,8 @@
-"""bench.py's machine line: CPU model and ISA extensions parsed from planted cpuinfo / lscpu text."""
+"""The benchmarks' machine line (machine.py): CPU model and ISA extensions parsed from planted
+cpuinfo / lscpu text."""
 import torch
 
-import bench
+import machine
 
 XEON = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -27,24 +28,24 @@ Flags:                   fpu avx avx2 avx512f avx512bw
 
 
 def test_parse_xeon_with_amx():
-    model, have = bench.parse_cpuinfo(XEON)
+    model, have = machine.parse_cpuinfo(XEON)
     assert model == "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
     assert have == ["avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
 
 
 def test_parse_epyc_without_avx512():
-    assert bench.parse_cpuinfo(EPYC) == ("AMD EPYC", [])  # whole flags only, no substring matches
+    assert machine.parse_cpuinfo(EPYC) == ("AMD EPYC", [])  # whole flags only, no substring matches
 
 
 def test_parse_lscpu_and_empty():
-    assert bench.parse_cpuinfo(LSCPU) == ("Intel(R) Xeon(R) CPU @ 2.20GHz", ["avx512f"])
-    assert bench.parse_cpuinfo("") == ("unknown CPU", [])
+    assert machine.parse_cpuinfo(LSCPU) == ("Intel(R) Xeon(R) CPU @ 2.20GHz", ["avx512f"])
+    assert machine.parse_cpuinfo("") == ("unknown CPU", [])
 
 
 def test_machine_info_line():
-    line = bench.machine_info(2, cpuinfo=XEON)
+    line = machine.machine_info(2, cpuinfo=XEON)
     assert line.startswith("machine: Intel(R) Xeon(R) Platinum 8481C")
     assert "avx512f yes, avx512_bf16 yes, amx_bf16 yes, amx_tile yes" in line
     assert f"torch {torch.__version__}" in line and "transformers " in line and line.endswith("2 threads")
-    assert "avx512f no, avx512_bf16 no, amx_bf16 no, amx_tile no" in bench.machine_info(4, cpuinfo=EPYC)
-    assert "machine: " in bench.machine_info(1)  # this machine's /proc/cpuinfo (or lscpu)
+    assert "avx512f no, avx512_bf16 no, amx_bf16 no, amx_tile no" in machine.machine_info(4, cpuinfo=EPYC)
+    assert "machine: " in machine.machine_info(1)  # this machine's /proc/cpuinfo (or lscpu)
