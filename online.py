@@ -53,344 +53,46 @@ ranks (dist.shard_map) and every rank computes the same policy update.
   python3 online.py --policy smollm2-135m-instruct --prompts assets/data/train_small.jsonl \\
       --steps 2 --prompts-per-step 2 --samples 2
 """
-import argparse
-import hashlib
-import json
-import random
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 import dist
-import genrm
-import stats
-import world
-from data import Example, LoadStats, Pair, completion_ids, load_pairs, load_tokenizer, pad
-from eval import HelpFormatter, judge_positions, number
+from data import Example, load_tokenizer
 from files import DEFAULT_MODEL, check_run_dir, read_json, read_jsonl, write_json, write_jsonl
 from fit import _loadable_checkpoint, prune_checkpoints, save_checkpoint, save_model
 from kernels import pair_logps
 from losses import make_step_dpo
 from model import Llama
+from online_config import OnlineConfig, _resume_conflicts
+from online_config import parse_args as _parse_args
+from online_judge import (
+    bt_scores,
+    evaluate,
+    fooled_rate,
+    judge_cot,
+    paired_change,
+    sample_answers,
+    unique_answers,  # noqa: F401  (tests call online.unique_answers)
+)
+from online_world import judge_model_path, load_prompts, step_prompts, world_policy
 from rewards import (
     answer_rewards,
     judge_by_scores,
-    judge_items,
     judgement_stats,
     preference_pairs,
     reward_pair,
-    seed_of,
     truth_metrics,
-    winner_of,
 )
-from sample import generate
-
-JUDGES = ("trained", "base", "bt", "truth")
-REWARDS = ("pairs", "eq6", "winrate")
-
-
-@dataclass
-class OnlineConfig:
-    """Everything an online run is told; written to args.json."""
-    judge: str = "trained"            # reward source, JUDGES
-    judge_model: str | None = None    # the judge's model directory (default: per --judge)
-    policy: str | None = None         # None: the small world's pretrained policy
-    prompts: str | None = None        # pair JSONL whose prompts are asked (None: the world's questions)
-    out: str | None = None
-    resume: bool = False
-    # the loop
-    steps: int = 60
-    prompts_per_step: int = 32
-    samples: int = 4                  # answers sampled per prompt
-    online_reward: str = "pairs"      # REWARDS
-    pair_rule: str = "agree"          # pairs: "agree" (every order) or "pooled" (more valid votes)
-    both_orders: bool = True
-    force: str = "argmax"             # a missing verdict: forced from P(A) vs P(B), or "none": a failure
-    judge_samples: int = 1            # CoT rationales per (pair, order), each one judgement
-    judge_max_new_tokens: int = 96
-    max_new_tokens: int = 8           # the policy's answer cap
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # DPO
-    lr: float = 1e-4                  # at 5e-4 the trained judge was hacked within 10 steps (RESULTS.md)
-    beta: float = 0.1
-    dpo_nll: float = 0.0
-    warmup_steps: int = 5
-    clip: float = 1.0
-    micro_batch: int = 64             # pairs per forward; the step's loss is the mean over all its pairs
-    # data
-    train_questions: int = 5000       # the small world's question pool (cycled, reshuffled per pass)
-    eval_questions: int = 500         # held-out questions for the before / after accuracy
-    limit: int | None = None          # real prompts: a seeded subset
-    # runtime
-    seed: int = 0
-    save_every: int = 5
-    device: str = "cpu"
-    dtype: str = "float32"            # bfloat16: sample in bf16, train under bf16 autocast
-    threads: int | None = None
-    sample_batch: int = 64            # prompts per sampling batch
-    no_progress: bool = False
-
-    @property
-    def world(self) -> bool:
-        return self.policy is None and self.prompts is None
-
-
-# fields a resume may change: they do not change what the run computes
-RESUME_FREE = ("out", "resume", "device", "threads", "no_progress", "save_every", "sample_batch")
-
-
-# ----------------------------------------------------------------------------------------------
-# the small world's models: the policy, and the judges (built once, cached under $GENRM_CACHE)
-
-def _run_config(method, threads, **kw):
-    """train.py's small-world RunConfig for `method` (what `train.py --method METHOD` runs)."""
-    import train
-    argv = ["--method", method, "--no-progress"] + (["--threads", str(threads)] if threads else [])
-    return replace(train.parse_args(argv), **kw)
-
-
-def _recipe(cfg) -> dict:
-    """What a RunConfig computes: its fields less the runtime ones and the paths (the world's
-    inputs are set from the world, not from the checkout's location)."""
-    runtime = ("threads", "no_progress", "out", "device", "model", "data", "eval_data", "resume")
-    return {k: v for k, v in asdict(cfg).items() if k not in runtime}
-
-
-def _recipe_dir(kind, recipe) -> Path:
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return world.cache_dir() / "world" / f"{kind}-{key}"
-
-
-def world_policy(threads=None, log=print) -> str:
-    """The small world's pretrained policy: the SFT loop (train.train_on) from a random
-    initialisation on sloppy answers (world.POLICY_RECIPE), built once under
-    $GENRM_CACHE/world/policy-<hash>; a killed build resumes from its checkpoint."""
-    import train
-    recipe, d = world.POLICY_RECIPE, world.policy_dir()
-    if not (d / "model" / "config.json").exists():
-        log(f"building the small world's policy in {d} (once per recipe)")
-        if dist.rank() == 0 and not (d / "init" / "config.json").exists():
-            world.write_initial_policy(d / "init", recipe["seed"])
-        dist.barrier()
-        cfg = _run_config("sft", threads, lr=recipe["lr"], batch_size=recipe["batch_size"], epochs=1,
-                          grad_accum=1, warmup=recipe["warmup"], seed=recipe["seed"], dtype="float32",
-                          max_len=64, save_every=100)
-        demos = world.policy_demonstrations(recipe["demonstrations"], recipe["seed"], recipe["drop"])
-        train.train_on(cfg, d / "init", demos, d, load_tokenizer(d / "init"), "sft")
-    return str(d / "model")
-
-
-def world_trained_judge(threads=None, log=print) -> str:
-    """The small world's trained judge: the main job's steps (`train.py --method star_dpo` with
-    no flags: the base judge, the world's splits, three STaR-DPO iterations), run once into
-    $GENRM_CACHE/world/judge-<hash> (named by the recipe); returns its iter_2/model."""
-    import train
-    cfg = _run_config("star_dpo", threads)
-    recipe = _recipe(cfg)
-    run = _recipe_dir("judge", [recipe, world.BASE_RECIPE, train.WORLD_PAIRS])
-    final = run / f"iter_{cfg.iterations - 1}" / "model"
-    if not (final / "config.json").exists():
-        log(f"building the small world's trained judge in {run} (the main job's STaR-DPO steps, once)")
-        cfg = train.world_inputs(replace(cfg, out=str(run)), run)
-        train.world_base(cfg)
-        if dist.rank() == 0:
-            run.mkdir(parents=True, exist_ok=True)
-        train.write_world_splits(cfg)
-        pairs = load_pairs(cfg.data)
-        train.star(cfg, pairs, load_tokenizer(cfg.model), run, log)
-    return str(final)
-
-
-def world_bt(threads=None, log=print) -> str:
-    """The small world's Bradley-Terry RM (Eq. 2): train.train_on objective bt_rm from the base
-    judge on the world's training pairs (train.py's small-world bt_rm settings), built once into
-    $GENRM_CACHE/world/bt-<hash>."""
-    import train
-    cfg = _run_config("bt_rm", threads)
-    recipe = _recipe(cfg)
-    d = _recipe_dir("bt", [recipe, world.BASE_RECIPE, train.WORLD_PAIRS])
-    if not (d / "model" / "config.json").exists():
-        log(f"building the small world's Bradley-Terry RM in {d} (once)")
-        base = train.world_base(cfg)
-        pairs = world.make_pairs(train.WORLD_PAIRS["train"], cfg.seed, "train")
-        train.train_on(cfg, base, pairs, d, load_tokenizer(base), "bt_rm")
-    return str(d / "model")
-
-
-def judge_model_path(cfg: OnlineConfig, log=print) -> str | None:
-    """The judge's model directory: --judge-model, else per --judge (None for the truth)."""
-    if cfg.judge == "truth":
-        return None
-    if cfg.judge_model:
-        return cfg.judge_model
-    if not cfg.world:
-        if cfg.judge == "bt":
-            raise SystemExit("error: --judge bt outside the small world needs --judge-model "
-                             "(a model with a score head)")
-        return DEFAULT_MODEL
-    if cfg.judge == "trained":
-        return world_trained_judge(cfg.threads, log)
-    if cfg.judge == "bt":
-        return world_bt(cfg.threads, log)
-    import train
-    return train.world_base(_run_config("star_dpo", cfg.threads))
-
-
-# ----------------------------------------------------------------------------------------------
-# prompts
-
-def load_prompts(cfg: OnlineConfig, split: str) -> list:
-    """The prompts of a split as rows {"id", "question", "messages", "answer" (the truth, or None)}:
-    the world's questions (world.policy_questions), or the prompts of --prompts (train) / none
-    (eval: real prompts have no truth to score)."""
-    if cfg.world:
-        n = cfg.train_questions if split == "train" else cfg.eval_questions
-        return [{"id": r["id"], "question": r["question"], "messages": world.policy_messages(r["question"]),
-                 "answer": r["answer"]} for r in world.policy_questions(n, cfg.seed, split)]
-    if split != "train":
-        return []
-    st = LoadStats()
-    try:
-        pairs = load_pairs(cfg.prompts, limit=cfg.limit, seed=cfg.seed, stats=st)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if not pairs:
-        raise SystemExit(f"error: {cfg.prompts}: no prompts ({st})")
-    return [{"id": p.id, "question": p.prompt,
-             "messages": p.messages or [{"role": "user", "content": p.prompt}],
-             "answer": None} for p in pairs]
-
-
-def step_prompts(n_prompts, step, per_step, seed) -> list:
-    """Indices of the prompts of step `step` (0-based): the pool in a seeded order, reshuffled
-    (seed, pass) at each pass over it, so step k's prompts depend on nothing but (seed, k)."""
-    out = []
-    for k in range(step * per_step, (step + 1) * per_step):
-        order = list(range(n_prompts))
-        random.Random(f"online:{seed}:{k // n_prompts}").shuffle(order)
-        out.append(order[k % n_prompts])
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# sampling the policy
-
-def _generate_share(model, tok, n, max_new_tokens, temperature, top_p, prompt_batch, items):
-    """generate on this rank's share of (prompt ids, seed) items: the sampled token ids per item."""
-    if not items:
-        return []
-    outs = generate(model, [p for p, _ in items], n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, stop_ids=tok.stop_ids, seed=[s for _, s in items], prompt_batch=prompt_batch,
-                    progress=False)
-    return [[c.tokens for c in o] for o in outs]
-
-
-def sample_answers(model, tok, rows, cfg: OnlineConfig, step, n, temperature):
-    """n answers to each prompt row from the policy, seeded by (seed, step, prompt id); spread
-    over the ranks. Returns per row a list of n dicts {"text", "ids", "correct"}."""
-    prompts = [tok.apply_chat(r["messages"]) for r in rows]
-    items = [(p, seed_of("policy", cfg.seed, step, r["id"])) for p, r in zip(prompts, rows)]
-    share = partial(_generate_share, model, tok, n, cfg.max_new_tokens, temperature, cfg.top_p,
-                    cfg.sample_batch)
-    out = []
-    for r, samples in zip(rows, dist.shard_map(share, items)):
-        ans = []
-        for ids in samples:
-            text = tok.decode(ids)
-            ans.append({"text": text, "ids": ids,
-                        "correct": None if r["answer"] is None else text == r["answer"]})
-        out.append(ans)
-    return out
-
-
-def unique_answers(answers) -> tuple:
-    """The distinct answer texts of a prompt, in first-seen order, and each sample's index among
-    them: identical answers are one answer (a tie, never judged)."""
-    texts, of = [], []
-    for a in answers:
-        if a["text"] not in texts:
-            texts.append(a["text"])
-        of.append(texts.index(a["text"]))
-    return texts, of
-
-
-# ----------------------------------------------------------------------------------------------
-# judging (the judgement records are described in rewards.py)
-
-
-def _cot_share(model, tok, cfg: OnlineConfig, work):
-    """cot_judge on this rank's share of (Pair, i-is-A, seed) items."""
-    if not work:
-        return []
-    return genrm.cot_judge(model, tok, [p for p, _, _ in work], [o for _, o, _ in work], n=cfg.judge_samples,
-                           max_new_tokens=cfg.judge_max_new_tokens, temperature=1.0, top_p=0.95,
-                           seed=[s for _, _, s in work], force=None if cfg.force == "none" else "argmax",
-                           prompt_batch=cfg.sample_batch, progress=False)
-
-
-def judge_cot(model, tok, rows, texts_per_prompt, cfg: OnlineConfig, step):
-    """The CoT judge (Fig. 6) on every item of judge_items, seeded per (seed, step, prompt, pair,
-    order); an input longer than the judge's positions is a failure ("over-long"), not judged.
-    Returns per prompt its list of judgement records."""
-    items = judge_items(texts_per_prompt, cfg.both_orders, cfg.seed, step, [r["id"] for r in rows])
-    limit = model.config.max_position_embeddings
-    work, where = [], []
-    out = [[] for _ in rows]
-    for q, i, j, i_is_a in items:
-        r, texts = rows[q], texts_per_prompt[q]
-        # A multi-turn prompt is the judge's context.
-        chat = [m for m in r["messages"] if m["role"] != "system"]
-        pair = Pair(id=r["id"], prompt=r["question"], chosen=texts[i], rejected=texts[j],
-                    messages=chat if len(chat) > 1 else None)
-        base = {"i": i, "j": j, "a": i if i_is_a else j}
-        if judge_positions(tok, pair, "cot", cfg.judge_max_new_tokens) > limit:
-            out[q] += [dict(base, verdict=None, forced=False,
-                            failed="over-long", rationale="")] * cfg.judge_samples
-            continue
-        work.append((pair, i_is_a, seed_of("judge", cfg.seed, step, r["id"], i, j, int(i_is_a))))
-        where.append((q, base))
-    res = dist.shard_map(partial(_cot_share, model, tok, cfg), work)
-    for (q, base), samples in zip(where, res):
-        for s in samples:
-            failed = None if s["verdict"] is not None else "no verdict"
-            out[q].append(dict(base, verdict=s["verdict"], forced=s["forced"], failed=failed,
-                               rationale=s["completion"]))
-    return out
-
-
-def _scores_share(model, tok, items):
-    """Bradley-Terry scores of this rank's share of (prompt ids, answer ids) items."""
-    out = []
-    for s in range(0, len(items), 64):
-        chunk = items[s:s + 64]
-        idx, valid = pad([p + a for p, a in chunk], tok.pad_id)
-        dev = model.lm_head.weight.device
-        with torch.no_grad():
-            out += model.reward(idx.to(dev), valid.to(dev)).cpu().tolist()
-    return out
-
-
-def bt_scores(model, tok, rows, texts_per_prompt):
-    """Each distinct answer's Bradley-Terry score (Eq. 1), its input built as the RM was trained
-    (data.pair_examples: the prompt as a user turn, the answer then end-of-turn)."""
-    items = [(tok.apply_chat([{"role": "user", "content": r["question"]}]), completion_ids(tok, t))
-             for r, texts in zip(rows, texts_per_prompt) for t in texts]
-    flat = dist.shard_map(partial(_scores_share, model, tok), items)
-    out, k = [], 0
-    for texts in texts_per_prompt:
-        out.append(flat[k:k + len(texts)])
-        k += len(texts)
-    return out
-
 
 # ----------------------------------------------------------------------------------------------
 # the DPO step
 
 @torch.no_grad()
+
 def reference_logps(ref, examples, pad_id, micro_batch, bf16):
     """Attach the reference's summed and averaged log-probs of chosen and rejected to each
     example (losses.step_dpo reads e.ref), one packed pass per micro-batch."""
@@ -480,54 +182,7 @@ def online_step(policy, judge, tok, jtok, rows, cfg: OnlineConfig, step):
 
 
 # ----------------------------------------------------------------------------------------------
-# held-out evaluation
-
-def evaluate(policy, tok, rows, cfg: OnlineConfig) -> dict:
-    """The policy's greedy answers to the held-out questions and their accuracy (Wilson 95%)."""
-    answers = sample_answers(policy, tok, rows, cfg, "eval", 1, 0.0)
-    texts = [a[0]["text"] for a in answers]
-    right = [int(t == r["answer"]) for t, r in zip(texts, rows)]
-    return {"ids": [r["id"] for r in rows], "answers": texts, "right": right,
-            "accuracy": sum(right) / len(right), "ci": list(stats.accuracy_ci(right))}
-
-
-def fooled_rate(judge, jtok, rows, answers, cfg: OnlineConfig, judge_kind) -> dict:
-    """Reward hacking probe: for each held-out question the policy answered wrongly, the judge
-    compares that answer with the right one (both orders); the share of valid judgements that
-    prefer the policy's wrong answer (a judge the policy has learned to fool prefers more)."""
-    wrong = [(r, a) for r, a in zip(rows, answers) if a != r["answer"]]
-    if not wrong or judge_kind == "truth":
-        return {"wrong": len(wrong), "judgements": 0, "fooled": None}
-    qs = [r for r, _ in wrong]
-    texts = [[a, r["answer"]] for r, a in wrong]  # index 0: the policy's wrong answer, 1: the truth
-    if judge_kind == "bt":
-        recs = judge_by_scores(bt_scores(judge, jtok, qs, texts), texts, True, cfg.seed, "fooled",
-                               [r["id"] for r in qs])
-    else:
-        recs = judge_cot(judge, jtok, qs, texts, cfg, "fooled")
-    valid = [rec for rs in recs for rec in rs if not rec["failed"]]
-    fooled = sum(winner_of(rec) == 0 for rec in valid)
-    return {"wrong": len(wrong), "judgements": len(valid), "fooled": fooled / len(valid) if valid else None}
-
-
-def paired_change(before, after, log) -> dict:
-    """after - before on the same held-out questions: the paired bootstrap's 95% interval and p."""
-    d = stats.paired_bootstrap([after["right"]], [before["right"]], seed=0)
-    p = f"p = {d['p']:.4f}" if d["p"] > 0 else f"p < {2 / stats.RESAMPLES:g}"
-    log(f"[policy after - before] {d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] "
-        f"(paired bootstrap over {len(after['right'])} held-out questions, {p})")
-    return d
-
-
-# ----------------------------------------------------------------------------------------------
 # the run
-
-def _resume_conflicts(cfg: OnlineConfig, old: dict) -> list:
-    """The arguments of cfg that differ from the run's args.json and would change what it computes."""
-    new, default = asdict(cfg), asdict(OnlineConfig())
-    return [f"--{k.replace('_', '-')} {old.get(k, default[k])} -> {v}" for k, v in new.items()
-            if k not in RESUME_FREE and old.get(k, default[k]) != v]
-
 
 def _check_run_dir(cfg: OnlineConfig, out: Path):
     """A new run needs an empty --out; --resume needs the arguments it was started with."""
@@ -714,95 +369,9 @@ def summarize_steps(history) -> dict:
 # ----------------------------------------------------------------------------------------------
 # command line (train.py --method online_dpo hands its arguments to main below)
 
-def add_arguments(ap, D: OnlineConfig = OnlineConfig()):
-    """The online loop's options, on an argparse parser (online.py's own, or train.py's)."""
-    g = ap.add_argument_group("online DPO")
-    g.add_argument("--judge", choices=JUDGES, default=D.judge,
-                   help="reward source: the small world's trained STaR-DPO judge, its base CoT judge, "
-                        "a Bradley-Terry RM, or the ground truth (outside the world: trained/base = the "
-                        "CoT judge --judge-model)")
-    g.add_argument("--judge-model", default=D.judge_model,
-                   help="the judge's model directory (default: per --judge; "
-                        f"outside the small world {DEFAULT_MODEL})")
-    g.add_argument("--policy", default=D.policy,
-                   help="policy model directory or name (default: the small world's "
-                        f"pretrained policy; with --prompts, {DEFAULT_MODEL})")
-    g.add_argument("--prompts", default=D.prompts,
-                   help="pair JSONL whose prompts the policy answers (default: the "
-                        "small world's questions)")
-    g.add_argument("--steps", type=number(int, 1), default=D.steps, help="online steps (one DPO update each)")
-    g.add_argument("--prompts-per-step", type=number(int, 1), default=D.prompts_per_step,
-                   help="prompts per step")
-    g.add_argument("--samples", type=number(int, 2), default=D.samples, help="answers sampled per prompt")
-    g.add_argument("--online-reward", choices=REWARDS, default=D.online_reward,
-                   help="pairs: DPO pairs from the pairwise judgements (--pair-rule); eq6: Eq. 6's "
-                        "log(p/(1-p)) per answer, pooled over both orders; winrate: round-robin win rate "
-                        "per answer (eq6/winrate: the best answer over the worst)")
-    g.add_argument("--pair-rule", choices=("agree", "pooled"), default=D.pair_rule,
-                   help="pairs: a pair when every order names the same winner, or when the pooled valid "
-                        "judgements prefer one answer")
-    g.add_argument("--both-orders", action=argparse.BooleanOptionalAction, default=D.both_orders,
-                   help="judge each pair with each answer as A (else one seeded order)")
-    g.add_argument("--force", choices=("argmax", "none"), default=D.force,
-                   help="a rationale without a verdict: force one from P(A) vs P(B) (counted), or none: "
-                        "a masked failure (counted)")
-    g.add_argument("--judge-samples", type=number(int, 1), default=D.judge_samples,
-                   help="CoT rationales per pair and order, each a judgement")
-    g.add_argument("--judge-max-new-tokens", type=number(int, 1), default=D.judge_max_new_tokens,
-                   help="rationale length cap")
-    g.add_argument("--max-new-tokens", type=number(int, 1), default=D.max_new_tokens,
-                   help="policy answer length cap")
-    g.add_argument("--temperature", type=number(float, above=0), default=D.temperature,
-                   help="policy sampling")
-    g.add_argument("--top-p", type=number(float, above=0, high=1), default=D.top_p,
-                   help="policy sampling nucleus")
-    g.add_argument("--lr", type=number(float, above=0), default=D.lr, help="policy learning rate (AdamW)")
-    g.add_argument("--beta", type=number(float, above=0), default=D.beta, help="DPO beta")
-    g.add_argument("--dpo-nll", type=number(float, 0), default=D.dpo_nll,
-                   help="RPO: weight of the chosen NLL")
-    g.add_argument("--warmup-steps", type=number(int, 0), default=D.warmup_steps,
-                   help="linear warmup, then constant")
-    g.add_argument("--clip", type=number(float, above=0), default=D.clip, help="gradient-norm clip")
-    g.add_argument("--micro-batch", type=number(int, 1), default=D.micro_batch,
-                   help="pairs per forward (the update is the same for any value)")
-    g.add_argument("--train-questions", type=number(int, 1), default=D.train_questions,
-                   help="small world: the pool of training questions")
-    g.add_argument("--eval-questions", type=number(int, 1), default=D.eval_questions,
-                   help="small world: held-out questions for the before/after accuracy")
-    g.add_argument("--limit", type=number(int, 1), default=D.limit, help="--prompts: a seeded subset")
-    g.add_argument("--save-every", type=number(int, 0), default=D.save_every,
-                   help="checkpoint every N steps (and at the end)")
-    g.add_argument("--sample-batch", type=number(int, 1), default=D.sample_batch,
-                   help="prompts per sampling batch")
-    return ap
-
-
 def parse_args(argv=None) -> OnlineConfig:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--out", default=None, help="run directory (default runs/online_dpo_<judge>)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its last checkpoint")
-    add_arguments(ap)
-    g = ap.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of every draw (prompts, answers, orders, rationales)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="bfloat16: sample in bf16, train under bf16 autocast (default: float32 in the "
-                        "small world, bfloat16 with real models)")
-    g.add_argument("--threads", type=number(int, 1), default=None,
-                   help="torch CPU threads (default: torch's)")
-    g.add_argument("--no-progress", action="store_true",
-                   help="(no progress bars are drawn; kept for train.py's flags)")
-    a = vars(ap.parse_args(argv))
-    if a["dtype"] is None:
-        a["dtype"] = "float32" if a["policy"] is None and a["prompts"] is None else "bfloat16"
-    if a["policy"] is not None and a["prompts"] is None:
-        ap.error("argument --policy: needs --prompts (the small world's questions need its own policy)")
-    if a["prompts"] is not None and a["max_new_tokens"] == OnlineConfig.max_new_tokens:
-        a["max_new_tokens"] = 48  # real answers are longer than a sum
-    known = {f.name for f in fields(OnlineConfig)}
-    return OnlineConfig(**{k: v for k, v in a.items() if k in known})
+    """This script's command line -> OnlineConfig (online_config.parse_args, with this file's --help)."""
+    return _parse_args(argv, description=__doc__)
 
 
 def main(argv=None):
