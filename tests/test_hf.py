@@ -1,7 +1,7 @@
 """Differential tests against HF transformers itself (requirements-oracle.txt; skipped where it is
 not installed): our logits, greedy tokens and their log-probs against `LlamaForCausalLM` and
 `generate` on a tiny random Llama-3.1 in float32, and an oracle.py dump against the same fields
-dumped from transformers (the README's example), through `oracle.py --compare`."""
+dumped from transformers (ORACLE.md's example), through `oracle.py --compare`."""
 import json
 
 import pytest
@@ -51,7 +51,7 @@ def test_greedy_tokens_and_logprobs_match_generate(tmp_path):
 
 
 def hf_dump(model_dir, rows):
-    """The oracle's per-sequence fields from HF transformers, one sequence at a time (the README's
+    """The oracle's per-sequence fields from HF transformers, one sequence at a time (ORACLE.md's
     example, so it is tested): token ids, per-token log-probs, sum, mean, top-5."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     out = []
