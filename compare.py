@@ -28,7 +28,7 @@ from pathlib import Path
 
 import compare_world
 import stats
-from files import atomic_write, read_jsonl, write_jsonl
+from files import read_jsonl, write_json, write_jsonl, write_text
 from scores import KS, SECTIONS, fmt_acc, grouped_scores, reasoning_half, section_weights
 
 HERE = Path(__file__).resolve().parent
@@ -110,7 +110,7 @@ def build_assets(a, data_dir: Path, dst: Path):
         raise SystemExit(f"{data_dir / 'PROVENANCE.md'}: not found (--data-dir must be the full staged data)")
     for name, (group, counts) in plan(a).items():
         write_jsonl(dst / f"{name}.jsonl", _subset(data_dir / SOURCES[name], group, counts, a.seed))
-    atomic_write(dst / "PROVENANCE.md", lambda p: Path(p).write_text(provenance(a, data_dir, dst)))
+    write_text(dst / "PROVENANCE.md", provenance(a, data_dir, dst))
 
 
 def _sha256(path) -> str:
@@ -372,8 +372,8 @@ def main(argv=None):
     summary = {"args": {k: str(v) for k, v in vars(a).items()}, "sizes": sizes,
                "seconds_this_invocation": round(time.time() - t0, 1), "results": results,
                "comparisons": comparisons(results, files)}
-    atomic_write(a.out / "comparison.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
-    atomic_write(a.out / "comparison.md", lambda p: Path(p).write_text(md))
+    write_json(a.out / "comparison.json", summary)
+    write_text(a.out / "comparison.md", md)
     print(md + f"\nsizes: {sizes}\nwritten: {a.out}/comparison.md, comparison.json "
           f"({summary['seconds_this_invocation']} s this invocation)")
 

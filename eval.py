@@ -24,7 +24,7 @@ from tqdm import tqdm
 import dist
 import genrm
 from data import LoadStats, load_pairs, load_tokenizer, pair_examples
-from files import atomic_write, read_jsonl
+from files import read_jsonl, write_json, write_jsonl, write_text
 from gguf import DEFAULT_MODEL
 from kernels import pair_rewards
 from model import Llama, check_pretrained
@@ -307,8 +307,7 @@ def main(argv=None):
                            seed=a.seed, batch_size=a.batch_size, progress=not a.no_progress)
         results[Path(f).name] = {**summarize(pairs, recs), "read": counts.read, "skipped": counts.skipped}
         if dist.rank() == 0:
-            atomic_write(out / f"judgements_{Path(f).stem}.jsonl",
-                         lambda p: Path(p).write_text("".join(json.dumps(r) + "\n" for r in recs)))
+            write_jsonl(out / f"judgements_{Path(f).stem}.jsonl", recs)
     if a.best_of_n:
         scores = best_of_n(model, tok, cands, batch_size=a.batch_size, progress=not a.no_progress)
         results["best_of_n"] = best_of_n_report(cands, best_of_n_picks(scores))
@@ -317,8 +316,8 @@ def main(argv=None):
     if "best_of_n" in results:
         md += "\n### best-of-n\n\n" + json.dumps(results["best_of_n"]) + "\n"
     if dist.rank() == 0:
-        atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
-        atomic_write(out / "results.md", lambda p: Path(p).write_text(md))
+        write_json(out / "results.json", summary)
+        write_text(out / "results.md", md)
         print(md)
         print(f"written: {out}/results.json, {out}/results.md")
     dist.finish()
