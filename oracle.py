@@ -10,7 +10,7 @@ float32, one sequence at a time (no padding), and the same recomputed in float64
 forward written here (`float64_logits`), whose largest difference bounds float32's rounding.
 Pairs add TRL's DPO quantities against a reference model (h, loss, rewards beta * (logp - ref)),
 a score head adds Bradley-Terry rewards, --genrm the GenRM p(A > B) of Eq. 7 in both orders.
-The output schema is in the README, "Using it as an oracle".
+The output fields are described in ORACLE.md.
 """
 import argparse
 import functools
