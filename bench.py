@@ -39,8 +39,8 @@ from bench_gpu import (
     weight_matmuls_case,
 )
 from bench_world import bench_world
+from cli import HelpFormatter
 from data import Example, load_pairs, load_tokenizer, prompt_completion_batch
-from eval import HelpFormatter
 from files import DEFAULT_MODEL, resolve_model
 from genrm import judge_messages
 from kernels import fused_logprob_sum, fused_logprobs, pair_logps

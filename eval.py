@@ -12,7 +12,6 @@ picks with the Eq. 6 reward.
 """
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -23,6 +22,8 @@ from tqdm import tqdm
 
 import dist
 import genrm
+import stats
+from cli import HelpFormatter, number
 from data import LoadStats, load_pairs, load_tokenizer, pair_examples
 from files import read_jsonl, write_json, write_jsonl, write_text
 from gguf import DEFAULT_MODEL
@@ -124,6 +125,20 @@ def judge_report(model, tok, pairs, *, title, samples, max_new_tokens, seed, pro
     return s
 
 
+def judge_change(before, after, log=print):
+    """after - before on the same held-out pairs (maj@N, each pair the mean of its two orders),
+    with the paired bootstrap's 95% interval and p-value (stats.paired_bootstrap)."""
+    a, b = after["per_pair"], before["per_pair"]
+    if a["id"] != b["id"]:  # cannot happen with one tokenizer; say so rather than pair the wrong ones
+        log("[after - before] not paired: the evaluated pairs differ")
+        return None
+    keep = [i for i, (x, y) in enumerate(zip(a["maj@N"], b["maj@N"])) if x is not None and y is not None]
+    d = stats.paired_bootstrap([[a["maj@N"][i] for i in keep]], [[b["maj@N"][i] for i in keep]], seed=0)
+    log(f"[after - before] {d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] (paired bootstrap over "
+        f"the {len(keep)} held-out pairs, p = {d['p']:.2f})")
+    return d
+
+
 # ----------------------------------------------------------------------------------------------
 # Best-of-N
 
@@ -170,37 +185,7 @@ def best_of_n(model, tok, rows, *, batch_size=4, progress=True):
 
 # ----------------------------------------------------------------------------------------------
 
-# command lines (eval.py, train.py, compare.py): numbers checked as they are parsed
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the module docstring's layout and shows each flag's default (None and False,
-    an unset flag, are said in words by the help text where they mean something)."""
-
-    def _get_help_string(self, action):
-        return (action.help if action.default is None or action.default is False
-                else super()._get_help_string(action))
-
-
-def number(kind, low=None, *, above=None, high=None):
-    """argparse type: an int or float (`kind`) >= low, > above, <= high; anything else is argparse's
-    one-line error naming the flag, e.g. 'argument --lr: must be > 0, got 0'."""
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if kind is float and not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        for bad, rule in ((low is not None and x < low, f">= {low}"),
-                          (above is not None and x <= above, f"> {above}"),
-                          (high is not None and x > high, f"<= {high}")):
-            if bad:
-                raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
-        return x
-    parse.__name__ = kind.__name__  # argparse's fallback message names the type
-    return parse
-
+# the command line
 
 def _out_dir(out: Path):
     """eval.py's output directory: a finished evaluation (results.json), or a directory holding

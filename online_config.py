@@ -4,7 +4,7 @@
 import argparse
 from dataclasses import asdict, dataclass, fields
 
-from eval import HelpFormatter, number
+from cli import HelpFormatter, number
 from files import DEFAULT_MODEL
 
 JUDGES = ("trained", "base", "bt", "truth")

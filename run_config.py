@@ -1,15 +1,15 @@
 """train.py's configuration: the RunConfig of a run, its per-method and small-world defaults, the
-command line it is parsed from, and what a resume may change. Every option is a RunConfig field
-and one add_argument, whose default is that field's (or the small world's)."""
+command line it is parsed from, and what a resume may change. Every option is declared once, as a
+RunConfig field (cli.option), and the command line is built from those fields."""
 import argparse
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 import dist
-from eval import HelpFormatter, number
+from cli import HelpFormatter, add_options, flag_of, number, option
 from fit import TrainConfig
 from gguf import DEFAULT_MODEL
 
@@ -40,55 +40,93 @@ WORLD_PAIRS = {"train": 3000, "id": 400}  # training pairs (1,000 per STaR itera
 
 @dataclass
 class RunConfig:
-    """Everything a run is told; built once in `main` from the command line, written to args.json."""
-    method: str = "star_dpo"
-    model: str = DEFAULT_MODEL
-    data: str = str(DEFAULT_TRAIN)
-    eval_data: str = str(DEFAULT_HELDOUT)
-    limit: int | None = None
-    eval_limit: int | None = None
-    no_eval: bool = False
-    out: str | None = None
-    resume: bool = False
+    """Everything a run is told; built once in `main` from the command line, written to args.json.
+    Each field is one option: its default, its --help text and its group (cli.option); the small
+    world replaces some defaults (WORLD_DEFAULTS)."""
+    method: str = option("star_dpo", "objective (see above; online_dpo's options: --method online_dpo "
+                                     "--help)", choices=(*METHODS, "online_dpo"))
+    model: str = option(DEFAULT_MODEL, "HF-format directory or 'smollm2-135m-instruct' (the default "
+                                       "with --data; with neither, the small world's base judge)")
+    data: str = option(str(DEFAULT_TRAIN), "training JSONL (pairs; for sft also {messages|prompt, "
+                                           "completion}); with neither --data nor --model, the small "
+                                           "world's training split")
+    eval_data: str = option(str(DEFAULT_HELDOUT), "held-out pairs for before/after accuracy (small world: "
+                                                  "its in-distribution held-out split)")
+    limit: int | None = option(None, "seeded subset of the training pairs", type=number(int, 1))
+    eval_limit: int | None = option(None, "seeded subset of the held-out pairs", type=number(int, 1))
+    no_eval: bool = option(False, "skip the before/after judge evaluation")
+    out: str | None = option(None, "run directory (default runs/<method>)")
+    resume: bool = option(False, "continue the run in --out where it stopped, with the arguments it was "
+                                 "started with")
+
     # optimisation
-    lr: float | None = None          # None: the method's default (LR)
-    epochs: int = 1
-    batch_size: int = 2
-    grad_accum: int = 1
-    warmup: float = 0.1
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    max_len: int = 1024
-    save_every: int = 10
-    max_steps: int | None = None
+    lr: float | None = option(None, "peak learning rate (default per method: "
+                                    + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")",
+                              group="optimisation", type=number(float, above=0))
+    epochs: int = option(1, "epochs over each (STaR: each iteration's) data", group="optimisation",
+                         type=number(int, 1))
+    batch_size: int = option(2, "examples (pairs) per micro-batch", group="optimisation", type=number(int, 1))
+    grad_accum: int = option(1, "micro-batches per optimizer step", group="optimisation", type=number(int, 1))
+    warmup: float = option(0.1, "linear warmup, fraction of steps; then cosine", group="optimisation",
+                           type=number(float, 0, high=1))
+    weight_decay: float = option(0.0, "AdamW weight decay", group="optimisation", type=number(float, 0))
+    clip: float = option(1.0, "gradient-norm clip", group="optimisation", type=number(float, above=0))
+    max_len: int = option(1024, "longer examples are skipped and counted", group="optimisation",
+                          type=number(int, 1))
+    save_every: int = option(10, "checkpoint every N steps (and at the end; 0: only at the end)",
+                             group="optimisation", type=number(int, 0))
+    max_steps: int | None = option(None, "stop after N steps (resume later)", group="optimisation",
+                                   type=number(int, 1))
+
     # DPO
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    loss_type: str = "sigmoid"
-    # RPO: alpha times the chosen answer's per-token NLL added to each pair's loss.
-    dpo_nll: float = 0.0
+    beta: float = option(0.1, "DPO beta (Eq. 9)", group="DPO", type=number(float, above=0))
+    label_smoothing: float = option(0.0, "cDPO epsilon", group="DPO", type=number(float, 0, high=0.5))
+    dpo_nll: float = option(0.0, "RPO: add this weight times the chosen answer's per-token NLL to each "
+                                 "pair's DPO loss", group="DPO", type=number(float, 0))
+    loss_type: str = option("sigmoid", "DPO loss: sigmoid (DPO/cDPO) or ipo", group="DPO", flag="--loss",
+                            choices=("sigmoid", "ipo"))
+
     # STaR
-    iterations: int = 3
-    samples_per_prompt: int = 4
-    pairs_per_prompt: int = 1
-    max_new_tokens: int = 64
-    rationalize: bool = False
-    star_filter: str = "label"       # "random": the control, as many rationales kept whatever their verdict
-    ref_from_previous: bool = False
-    star_both_orders: bool = False   # sample each pair in both A/B orders (pairs that hit the position bias)
-    verdict_temperature: float = 1.0  # forced verdicts during STaR sampling drawn at this temperature
-    eval_samples: int = 1
-    sample_batch: int = 4            # prompts sampled together (their n rationales each share the batch)
+    iterations: int = option(3, "STaR iterations = disjoint splits (paper: 3)", group="STaR",
+                             type=number(int, 1))
+    samples_per_prompt: int = option(4, "rationales sampled per pair and iteration", group="STaR",
+                                     type=number(int, 1))
+    pairs_per_prompt: int = option(1, "STaR-DPO (correct, incorrect) pairs per prompt", group="STaR",
+                                   type=number(int, 1))
+    max_new_tokens: int = option(64, "rationale length cap when sampling", group="STaR", type=number(int, 1))
+    star_filter: str = option("label", "STaR: keep rationales by the label (the method), or as many at "
+                                       "random (the control)", group="STaR", choices=("label", "random"))
+    rationalize: bool = option(False, "STaR-SFT: add Fig. 7 rationales for pairs the model got wrong",
+                               group="STaR")
+    star_both_orders: bool = option(False, "STaR: sample each pair with the chosen answer as A and as B "
+                                           "(default: one seeded order)", group="STaR")
+    verdict_temperature: float = option(1.0, "STaR: temperature of the forced verdict drawn from P(A), P(B) "
+                                             "when a rationale has none", group="STaR",
+                                        type=number(float, above=0))
+    ref_from_previous: bool = option(False, "STaR-DPO reference = the model the iteration starts from (else "
+                                            "the base model; the small world's default is on)",
+                                     group="STaR", action=argparse.BooleanOptionalAction)
+    eval_samples: int = option(1, "CoT samples per held-out judgement (maj@N)", group="STaR",
+                               type=number(int, 1))
+    sample_batch: int = option(4, "prompts sampled together, each with its --samples-per-prompt rows",
+                               group="STaR", type=number(int, 1))
+
     # runtime
-    seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    # Training: bf16 autocast on float32 master weights (faster here); float32: exact.
-    dtype: str = "bfloat16"
-    threads: int | None = None
-    activation_checkpointing: bool = False  # recompute each block in backward: activation memory / layers
-    no_progress: bool = False
-    keep_checkpoints: bool = False   # a finished stage keeps its ckpt-* (model + optimizer state) too
-    world: bool = False              # the small world: set when neither --model nor --data is given
+    seed: int = option(0, "seed for splits, A/B orders, sampling and data order", group="runtime", type=int)
+    device: str = option("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda", group="runtime")
+    dtype: str = option("bfloat16", "bfloat16: train under bf16 autocast on float32 master weights and "
+                                    "optimizer, sample in bf16; float32: exact float32 everywhere "
+                                    "(oracle runs)", group="runtime", choices=("float32", "bfloat16"))
+    threads: int | None = option(None, "torch CPU threads (default: torch's)", group="runtime",
+                                 type=number(int, 1))
+    activation_checkpointing: bool = option(False, "recompute each transformer block in backward (activation "
+                                                   "memory ~ 1/layers; ~1/3 more compute)", group="runtime")
+    no_progress: bool = option(False, "no tqdm progress bars", group="runtime")
+    keep_checkpoints: bool = option(False, "a finished stage keeps its last two checkpoints (model + "
+                                           "optimizer state) beside its model", group="runtime")
+
+    # Set by parse_args, not a flag: the run is in the small world (neither --model nor --data given).
+    world: bool = False
 
     @property
     def progress(self) -> bool:
@@ -100,10 +138,10 @@ class RunConfig:
         return self.lr if self.lr is not None else (WORLD_LR if self.world else LR)[self.method]
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(lr=self.learning_rate, epochs=self.epochs,
-                           batch_size=self.batch_size, grad_accum=self.grad_accum, warmup=self.warmup,
-                           weight_decay=self.weight_decay, clip=self.clip, seed=self.seed,
-                           save_every=self.save_every, max_steps=self.max_steps, progress=self.progress,
+        """fit's settings: the options of the same name, and three that are derived from the run."""
+        same_name = {f.name: getattr(self, f.name) for f in fields(TrainConfig)
+                     if f.name not in ("lr", "progress", "bf16")}
+        return TrainConfig(**same_name, lr=self.learning_rate, progress=self.progress,
                            bf16=self.dtype == "bfloat16")
 
 
@@ -127,96 +165,7 @@ def parse_args(argv=None, description=None) -> RunConfig:
         D = replace(D, **WORLD_METHOD_DEFAULTS.get(_method_asked(args) or D.method, {}))
     ap = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter,
                                  epilog=_KEEPS)
-    ap.add_argument("--method", choices=(*METHODS, "online_dpo"), default=D.method,
-                    help="objective (see above; online_dpo's options: --method online_dpo --help)")
-    ap.add_argument("--model", default=D.model,
-                    help="HF-format directory or 'smollm2-135m-instruct' (the default "
-                         "with --data; with neither, the small world's base judge)")
-    ap.add_argument("--data", default=D.data,
-                    help="training JSONL (pairs; for sft also {messages|prompt, completion}); "
-                         "with neither --data nor --model, the small world's training split")
-    ap.add_argument("--eval-data", default=D.eval_data,
-                    help="held-out pairs for before/after accuracy (small world: "
-                         "its in-distribution held-out split)")
-    ap.add_argument("--limit", type=number(int, 1), default=D.limit,
-                    help="seeded subset of the training pairs")
-    ap.add_argument("--eval-limit", type=number(int, 1), default=D.eval_limit,
-                    help="seeded subset of the held-out pairs")
-    ap.add_argument("--no-eval", action="store_true", help="skip the before/after judge evaluation")
-    ap.add_argument("--out", default=D.out, help="run directory (default runs/<method>)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the run in --out where it stopped, with the arguments it was started with")
-    g = ap.add_argument_group("optimisation")
-    g.add_argument("--lr", type=number(float, above=0), default=D.lr,
-                   help="peak learning rate (default per method: "
-                        + ", ".join(f"{k} {v:g}" for k, v in LR.items()) + ")")
-    g.add_argument("--epochs", type=number(int, 1), default=D.epochs,
-                   help="epochs over each (STaR: each iteration's) data")
-    g.add_argument("--batch-size", type=number(int, 1), default=D.batch_size,
-                   help="examples (pairs) per micro-batch")
-    g.add_argument("--grad-accum", type=number(int, 1), default=D.grad_accum,
-                   help="micro-batches per optimizer step")
-    g.add_argument("--warmup", type=number(float, 0, high=1), default=D.warmup,
-                   help="linear warmup, fraction of steps; then cosine")
-    g.add_argument("--weight-decay", type=number(float, 0), default=D.weight_decay, help="AdamW weight decay")
-    g.add_argument("--clip", type=number(float, above=0), default=D.clip, help="gradient-norm clip")
-    g.add_argument("--max-len", type=number(int, 1), default=D.max_len,
-                   help="longer examples are skipped and counted")
-    g.add_argument("--save-every", type=number(int, 0), default=D.save_every,
-                   help="checkpoint every N steps (and at the end; 0: only at the end)")
-    g.add_argument("--max-steps", type=number(int, 1), default=D.max_steps,
-                   help="stop after N steps (resume later)")
-    g = ap.add_argument_group("DPO")
-    g.add_argument("--beta", type=number(float, above=0), default=D.beta, help="DPO beta (Eq. 9)")
-    g.add_argument("--label-smoothing", type=number(float, 0, high=0.5), default=D.label_smoothing,
-                   help="cDPO epsilon")
-    g.add_argument("--dpo-nll", type=number(float, 0), default=D.dpo_nll,
-                   help="RPO: add this weight times the chosen answer's per-token NLL to each pair's "
-                        "DPO loss")
-    g.add_argument("--loss", dest="loss_type", choices=("sigmoid", "ipo"), default=D.loss_type,
-                   help="DPO loss: sigmoid (DPO/cDPO) or ipo")
-    g = ap.add_argument_group("STaR")
-    g.add_argument("--iterations", type=number(int, 1), default=D.iterations,
-                   help="STaR iterations = disjoint splits (paper: 3)")
-    g.add_argument("--samples-per-prompt", type=number(int, 1), default=D.samples_per_prompt,
-                   help="rationales sampled per pair and iteration")
-    g.add_argument("--pairs-per-prompt", type=number(int, 1), default=D.pairs_per_prompt,
-                   help="STaR-DPO (correct, incorrect) pairs per prompt")
-    g.add_argument("--max-new-tokens", type=number(int, 1), default=D.max_new_tokens,
-                   help="rationale length cap when sampling")
-    g.add_argument("--star-filter", choices=("label", "random"), default=D.star_filter,
-                   help="STaR: keep rationales by the label (the method), or as many at random (the control)")
-    g.add_argument("--rationalize", action="store_true",
-                   help="STaR-SFT: add Fig. 7 rationales for pairs the model got wrong")
-    g.add_argument("--star-both-orders", action="store_true",
-                   help="STaR: sample each pair with the chosen answer as A and as B "
-                        "(default: one seeded order)")
-    g.add_argument("--verdict-temperature", type=number(float, above=0), default=D.verdict_temperature,
-                   help="STaR: temperature of the forced verdict drawn from P(A), P(B) "
-                        "when a rationale has none")
-    g.add_argument("--ref-from-previous", action=argparse.BooleanOptionalAction, default=D.ref_from_previous,
-                   help="STaR-DPO reference = the model the iteration starts from (else the base model; "
-                        "the small world's default is on)")
-    g.add_argument("--eval-samples", type=number(int, 1), default=D.eval_samples,
-                   help="CoT samples per held-out judgement (maj@N)")
-    g.add_argument("--sample-batch", type=number(int, 1), default=D.sample_batch,
-                   help="prompts sampled together, each with its --samples-per-prompt rows")
-    g = ap.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, default=D.seed,
-                   help="seed for splits, A/B orders, sampling and data order")
-    g.add_argument("--device", default=D.device, help="cpu or cuda")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=D.dtype,
-                   help="bfloat16: train under bf16 autocast on float32 master weights and optimizer, "
-                        "sample in bf16; float32: exact float32 everywhere (oracle runs)")
-    g.add_argument("--threads", type=number(int, 1), default=D.threads,
-                   help="torch CPU threads (default: torch's)")
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each transformer block in backward (activation memory ~ 1/layers; "
-                        "~1/3 more compute)")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
-    g.add_argument("--keep-checkpoints", action="store_true",
-                   help="a finished stage keeps its last two checkpoints (model + optimizer state) "
-                        "beside its model")
+    add_options(ap, RunConfig, D)
     a = ap.parse_args(argv)
     if a.method == "star_dpo" and a.samples_per_prompt < 2:
         ap.error("argument --samples-per-prompt: star_dpo needs >= 2 "
@@ -234,7 +183,7 @@ def _resume_conflicts(cfg: RunConfig, old: dict) -> list:
         if k == "lr":  # None: the method's default
             v, was = cfg.learning_rate, replace(cfg, lr=was).learning_rate
         if k not in _RESUME_FREE and v != was:
-            out.append(f"--{'loss' if k == 'loss_type' else k.replace('_', '-')} {was} -> {v}")
+            out.append(f"{flag_of(RunConfig, k)} {was} -> {v}")
     return out
 
 

@@ -26,10 +26,9 @@ import torch
 
 import dist
 import genrm
-import stats
 import world
 from data import LoadStats, load_completions, load_pairs, load_tokenizer, pair_examples, sft_examples
-from eval import judge_report
+from eval import judge_change, judge_report
 from files import check_run_dir, read_json, read_jsonl, write_json, write_jsonl
 from fit import fit, micro_batches, prune_checkpoints, save_model
 from losses import add_reference_logps, make_step_dpo, step_bt, step_genrm, step_sft
@@ -66,37 +65,59 @@ def load_sampler(cfg: RunConfig, path):
     return Llama.from_pretrained(path, dtype=dtype, device=cfg.device).eval()
 
 
+def sft_objective(cfg: RunConfig, tok, rows, skipped):
+    """SFT, STaR-SFT and the rationalizer (Eq. 8): token-mean NLL of each completion."""
+    return sft_examples(tok, rows, cfg.max_len, skipped), step_sft
+
+
+def genrm_objective(cfg: RunConfig, tok, rows, skipped):
+    """GenRM (Eq. 7): -log pi(I | x, y1, y2) on the verdict token of the Fig. 8 prompt."""
+    return genrm.genrm_examples(tok, rows, cfg.max_len, skipped, cfg.seed), step_genrm
+
+
+def bt_objective(cfg: RunConfig, tok, rows, skipped):
+    """Bradley-Terry (Eq. 2) on a scalar head: -log sigmoid(r(chosen) - r(rejected))."""
+    return pair_examples(tok, rows, cfg.max_len, skipped), step_bt
+
+
+def dpo_objective(cfg: RunConfig, tok, rows, skipped):
+    """DPO and STaR-DPO (Eq. 9) on (chosen, rejected) pairs, against a reference model."""
+    return (pair_examples(tok, rows, cfg.max_len, skipped),
+            make_step_dpo(cfg.beta, cfg.label_smoothing, cfg.loss_type, cfg.dpo_nll))
+
+
+# Each method's objective: its training examples and the loss step fit runs on them (losses.py).
+OBJECTIVES = {"sft": sft_objective, "star_sft": sft_objective, "rationalizer": sft_objective,
+              "genrm": genrm_objective, "bt_rm": bt_objective,
+              "dpo": dpo_objective, "star_dpo": dpo_objective}
+
+
 def train_on(cfg: RunConfig, model_path, rows, out_dir, tok, objective, ref_path=None):
-    """Train `model_path` on rows with one objective (a METHODS name); the result goes to
+    """Train `model_path` on rows with one objective (an OBJECTIVES name); the result goes to
     out_dir/model. DPO objectives first attach the reference log-probs of `ref_path`."""
     out_dir = Path(out_dir)
     if (out_dir / "model" / "config.json").exists():  # finished, its checkpoints pruned: a resume skips it
         mf = out_dir / "train" / "metrics.jsonl"
         return [r for _, r in read_jsonl(mf)] if mf.exists() else []
-    st = LoadStats(read=len(rows))
-    if objective in ("sft", "star_sft", "rationalizer"):
-        ex, step = sft_examples(tok, rows, cfg.max_len, st), step_sft
-    elif objective == "genrm":
-        ex, step = genrm.genrm_examples(tok, rows, cfg.max_len, st, cfg.seed), step_genrm
-    elif objective == "bt_rm":
-        ex, step = pair_examples(tok, rows, cfg.max_len, st), step_bt
-    else:  # dpo, star_dpo
-        ex = pair_examples(tok, rows, cfg.max_len, st)
-        step = make_step_dpo(cfg.beta, cfg.label_smoothing, cfg.loss_type, cfg.dpo_nll)
+    skipped = LoadStats(read=len(rows))
+    examples, step = OBJECTIVES[objective](cfg, tok, rows, skipped)
     if dist.rank() == 0:
-        print(f"{objective}: {st}")
-    if not ex:
-        raise SystemExit(f"{objective}: no training examples left ({st})")
-    if objective in ("dpo", "star_dpo"):
-        # The precision training runs in.
+        print(f"{objective}: {skipped}")
+    if not examples:
+        raise SystemExit(f"{objective}: no training examples left ({skipped})")
+
+    # DPO compares the policy with a frozen reference: its log-probs of every pair are computed
+    # once, in the precision training runs in, and cached beside the run.
+    if OBJECTIVES[objective] is dpo_objective:
         ref_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-        add_reference_logps(ref_path, ex, tok.pad_id, out_dir / "ref_logps.pt", cfg.batch_size, ref_dtype,
-                            cfg.device, progress=cfg.progress)
+        add_reference_logps(ref_path, examples, tok.pad_id, out_dir / "ref_logps.pt", cfg.batch_size,
+                            ref_dtype, cfg.device, progress=cfg.progress)
+
     model = dist.shard(load_model(cfg, model_path, score_head=True if objective == "bt_rm" else None))
     tcfg = cfg.train_config()
-    hist = fit(model, ex, step, tcfg, out_dir / "train", tok.pad_id)
-    if cfg.max_steps is not None and len(hist) < math.ceil(len(micro_batches(len(ex), tcfg))
-                                                           / cfg.grad_accum):
+    hist = fit(model, examples, step, tcfg, out_dir / "train", tok.pad_id)
+    steps_planned = math.ceil(len(micro_batches(len(examples), tcfg)) / cfg.grad_accum)
+    if cfg.max_steps is not None and len(hist) < steps_planned:
         raise SystemExit(f"stopped at --max-steps {cfg.max_steps}; run again with --resume to finish")
     save_model(model, out_dir / "model", tok)
     if not cfg.keep_checkpoints:  # the stage is done: its final model is all a resume or a user needs
@@ -118,6 +139,48 @@ def save_rows(path, rows):
     dist.barrier()
 
 
+def sample_step(cfg: RunConfig, model_path, tok, split, iteration):
+    """STaR's sampling: the model judges every pair of the split with the CoT prompt (Fig. 6),
+    writing samples_per_prompt rationales each at temperature 1 (A.2.2)."""
+    return genrm.sample_rationales(
+        load_sampler(cfg, model_path), tok, split, n=cfg.samples_per_prompt,
+        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + iteration, both_orders=cfg.star_both_orders,
+        verdict_temperature=cfg.verdict_temperature, prompt_batch=cfg.sample_batch, progress=cfg.progress)
+
+
+def filter_step(cfg: RunConfig, samples, split, model_path, tok, iteration):
+    """STaR's filter: what the label keeps of the samples, the rows the iteration trains on."""
+    seed = cfg.seed + iteration
+    if cfg.method == "star_dpo":
+        # STaR-DPO pairs a right with a wrong rationale of the same prompt (Eq. 9); the control
+        # pairs as many rationales at random.
+        pairs = genrm.star_dpo_pairs(samples, pairs_per_prompt=cfg.pairs_per_prompt, seed=seed)
+        if cfg.star_filter == "random":
+            pairs = genrm.random_dpo_pairs(samples, len(pairs), seed=seed)
+        return pairs
+    # STaR-SFT keeps the rationales whose verdict is right (Eq. 4); the control keeps as many at
+    # random.
+    kept = genrm.star_sft_examples(samples)
+    if cfg.star_filter == "random":
+        kept = genrm.random_filter(samples, len(kept), seed=seed)
+    # With --rationalize, the pairs the model got wrong add its explanations of the right answer
+    # (Fig. 7, Eq. 8).
+    wrong, orders = genrm.failed_pairs(samples, split)
+    if cfg.rationalize and wrong:
+        kept += genrm.rationalize(load_sampler(cfg, model_path), tok, wrong, orders,
+                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + iteration,
+                                  progress=cfg.progress)
+    return kept
+
+
+def carry_over(cfg: RunConfig, model_path, it_dir, tok):
+    """An iteration with nothing to train on passes its model on unchanged."""
+    if dist.rank() == 0:
+        load_model(cfg, model_path).save_pretrained(it_dir / "model")
+        tok.save(it_dir / "model")
+    dist.barrier()
+
+
 def star(cfg: RunConfig, pairs, tok, run_dir, log=print):
     """STaR-SFT / STaR-DPO (paper Sec. 2.2, Sec. 4 and A.3). The training pairs are cut into
     `iterations` disjoint splits, and iteration i samples, filters and trains on split i with the
@@ -125,63 +188,39 @@ def star(cfg: RunConfig, pairs, tok, run_dir, log=print):
     resumes at the stage it stopped and rationales from another sampler can be dropped in.
     Returns the final model path and the per-iteration counts."""
     run_dir = Path(run_dir)
+    kept_kind = "sft" if cfg.method == "star_sft" else "dpo"  # rationales, or (right, wrong) pairs of them
     latest, reports = str(cfg.model), []
     for i, split in enumerate(genrm.split_pairs(pairs, cfg.iterations, cfg.seed)):
         it_dir = run_dir / f"iter_{i}"
         trained = (it_dir / "model" / "config.json").exists()
-        samples_file = run_dir / f"samples_{i}.jsonl"
-        kept_file = run_dir / (f"sft_{i}.jsonl" if cfg.method == "star_sft" else f"dpo_{i}.jsonl")
+        samples_file, kept_file = run_dir / f"samples_{i}.jsonl", run_dir / f"{kept_kind}_{i}.jsonl"
 
-        # 1. The latest model judges every pair of the split with the CoT prompt (Fig. 6), writing
-        # samples_per_prompt rationales each at temperature 1; a rationale that ends without a
-        # verdict gets one drawn from the indicator tokens' probabilities.
+        # 1. Sample: the latest model writes rationales for every pair of the split. A rationale
+        # that ends without a verdict gets one drawn from the indicator tokens' probabilities.
         if samples_file.exists() or trained:
             samples = read_rows(samples_file, "samples")
         else:
-            samples = genrm.sample_rationales(
-                load_sampler(cfg, latest), tok, split, n=cfg.samples_per_prompt,
-                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + i,
-                both_orders=cfg.star_both_orders, verdict_temperature=cfg.verdict_temperature,
-                prompt_batch=cfg.sample_batch, progress=cfg.progress)
+            samples = sample_step(cfg, latest, tok, split, i)
             save_rows(samples_file, samples)
 
-        # 2. The label filters them. STaR-SFT keeps the rationales whose verdict is right (Eq. 4)
-        # and, with --rationalize, adds the model's explanations of the right answer for the pairs
-        # it got wrong (Fig. 7, Eq. 8). STaR-DPO pairs a right with a wrong rationale of the same
-        # prompt (Eq. 9). The random-filter control keeps as many, ignoring the label.
+        # 2. Filter: the label decides what is kept.
         if kept_file.exists() or trained:
-            kept = read_rows(kept_file, "sft" if cfg.method == "star_sft" else "dpo")
-        elif cfg.method == "star_sft":
-            kept = genrm.star_sft_examples(samples)
-            if cfg.star_filter == "random":
-                kept = genrm.random_filter(samples, len(kept), seed=cfg.seed + i)
-            wrong, orders = genrm.failed_pairs(samples, split)
-            if cfg.rationalize and wrong:
-                kept += genrm.rationalize(load_sampler(cfg, latest), tok, wrong, orders,
-                                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 1000 + i,
-                                          progress=cfg.progress)
-            save_rows(kept_file, kept)
+            kept = read_rows(kept_file, kept_kind)
         else:
-            kept = genrm.star_dpo_pairs(samples, pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed + i)
-            if cfg.star_filter == "random":
-                kept = genrm.random_dpo_pairs(samples, len(kept), seed=cfg.seed + i)
+            kept = filter_step(cfg, samples, split, latest, tok, i)
             save_rows(kept_file, kept)
-        counts = genrm.star_report(samples, kept=len(kept) if cfg.method == "star_sft" else None,
-                                   paired=len(kept) if cfg.method == "star_dpo" else None)
+        counts = genrm.star_report(samples, **{"kept" if kept_kind == "sft" else "paired": len(kept)})
         reports.append({**counts, "iteration": i})
         log(f"STaR iteration {i}: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v is not None))
 
-        # 3. The latest model is trained on what was kept (DPO against the base model, or with
+        # 3. Train: the latest model learns what was kept (DPO against the base model, or with
         # --ref-from-previous against the model this iteration started from) and becomes the next.
         if not trained and kept:
             train_on(cfg, latest, kept, it_dir, tok, cfg.method,
                      ref_path=latest if cfg.ref_from_previous else str(cfg.model))
         elif not trained:
             log(f"STaR iteration {i}: nothing to train on; the model is carried over unchanged")
-            if dist.rank() == 0:
-                load_model(cfg, latest).save_pretrained(it_dir / "model")
-                tok.save(it_dir / "model")
-            dist.barrier()
+            carry_over(cfg, latest, it_dir, tok)
         latest = str(it_dir / "model")
     if dist.rank() == 0:
         write_json(run_dir / "star_report.json", reports)
@@ -228,28 +267,35 @@ def _held_out_accuracy(cfg, model_path, pairs, tok, title):
                         prompt_batch=max(16, cfg.sample_batch), progress=cfg.progress)
 
 
-def _paired_change(before, after, log):
-    """after - before on the same held-out pairs (maj@N, each pair the mean of its two orders),
-    with the paired bootstrap's 95% interval and p-value (stats.paired_bootstrap)."""
-    a, b = after["per_pair"], before["per_pair"]
-    if a["id"] != b["id"]:  # cannot happen with one tokenizer; say so rather than pair the wrong ones
-        log("[after - before] not paired: the evaluated pairs differ")
-        return None
-    keep = [i for i, (x, y) in enumerate(zip(a["maj@N"], b["maj@N"])) if x is not None and y is not None]
-    d = stats.paired_bootstrap([[a["maj@N"][i] for i in keep]], [[b["maj@N"][i] for i in keep]], seed=0)
-    log(f"[after - before] {d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] (paired bootstrap over "
-        f"the {len(keep)} held-out pairs, p = {d['p']:.2f})")
-    return d
+def run_rationalizer(cfg: RunConfig, pairs, tok, out, log):
+    """Eq. 8: rationales written by the base model given the correct answer (Fig. 7), then SFT on them."""
+    rationales_file = out / "rationales.jsonl"
+    if rationales_file.exists():
+        rows = read_rows(rationales_file, "sft")
+    else:
+        orders = genrm.seeded_orders(pairs, cfg.seed)
+        rows = genrm.rationalize(load_sampler(cfg, cfg.model), tok, pairs, orders,
+                                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
+        save_rows(rationales_file, rows)
+    train_on(cfg, cfg.model, rows, out, tok, "rationalizer")
+    return str(out / "model"), None
+
+
+def run_once(cfg: RunConfig, rows, tok, out, log):
+    """SFT, Bradley-Terry, GenRM and DPO: one objective on the training rows, the base model as
+    DPO's reference."""
+    train_on(cfg, cfg.model, rows, out, tok, cfg.method, ref_path=cfg.model)
+    return str(out / "model"), None
+
+
+# What `--method` runs: each returns (the final model's path, STaR's per-iteration counts or None).
+RUNS = {"sft": run_once, "bt_rm": run_once, "genrm": run_once, "dpo": run_once,
+        "rationalizer": run_rationalizer, "star_sft": star, "star_dpo": star}
 
 
 def parse_args(argv=None) -> RunConfig:
     """This script's command line -> RunConfig (run_config.parse_args, with this file's --help)."""
     return _parse_args(argv, description=__doc__)
-
-
-def _check_run_dir(cfg: RunConfig, out: Path):
-    """A new run needs an empty --out; --resume needs the arguments the run was started with."""
-    check_run_dir(out, cfg.resume, partial(_resume_conflicts, cfg))
 
 
 def _read_inputs(cfg: RunConfig):
@@ -302,7 +348,8 @@ def main(argv=None):
     out = Path(cfg.out or f"runs/{cfg.method}")
     if cfg.world:
         cfg = world_inputs(cfg, out)
-    _check_run_dir(cfg, out)
+    # A new run needs an empty --out; --resume needs the arguments the run was started with.
+    check_run_dir(out, cfg.resume, partial(_resume_conflicts, cfg))
     rank, world_size = dist.init()  # torchrun: FSDP2 training, data-parallel sampling and eval
     if cfg.world:  # build (or reuse) the base judge, then draw the splits into the run directory
         world_base(cfg)
@@ -330,27 +377,13 @@ def main(argv=None):
         report["before"] = read_json(before_file)
 
     log = print if rank == 0 else silent
-    if cfg.method in ("star_sft", "star_dpo"):
-        final, report["star"] = star(cfg, pairs, tok, out, log)
-    elif cfg.method == "rationalizer":
-        # Eq. 8: rationales written by the base model given the correct answer (Fig. 7), then SFT
-        rationales_file = out / "rationales.jsonl"
-        if rationales_file.exists():
-            rows = read_rows(rationales_file, "sft")
-        else:
-            rows = genrm.rationalize(load_sampler(cfg, cfg.model), tok, pairs,
-                                     genrm.seeded_orders(pairs, cfg.seed),
-                                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress)
-            save_rows(rationales_file, rows)
-        train_on(cfg, cfg.model, rows, out, tok, "rationalizer")
-        final = str(out / "model")
-    else:
-        train_on(cfg, cfg.model, rows, out, tok, cfg.method, ref_path=cfg.model)
-        final = str(out / "model")
+    final, star_counts = RUNS[cfg.method](cfg, pairs, tok, out, log)
+    if star_counts is not None:
+        report["star"] = star_counts
 
     if heldout is not None:
         report["after"] = _held_out_accuracy(cfg, final, heldout, tok, "after")
-        report["after_minus_before"] = _paired_change(report["before"], report["after"], log)
+        report["after_minus_before"] = judge_change(report["before"], report["after"], log)
     report.update(base_model=cfg.model, final_model=final, seconds=round(time.time() - t0, 1))
     if rank == 0:
         write_json(out / "report.json", report)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import train as T
 from conftest import CharTok, tiny_model
 from data import LoadStats, Pair, load_pairs, pair_examples, sft_examples
+from eval import judge_change
 from fit import TrainConfig, accumulate_gradients, fit
 from genrm import genrm_examples
 from losses import add_reference_logps, bt_loss, dpo_loss, make_step_dpo, nll_loss, step_genrm, step_sft
@@ -218,10 +219,10 @@ def test_before_after_change_is_paired_over_the_same_pairs():
     before = {"per_pair": {"id": ids, "maj@N": [0.5] * 40}}
     after = {"per_pair": {"id": ids, "maj@N": [1.0] * 10 + [0.5] * 25 + [0.0] * 4 + [None]}}
     lines = []
-    d = T._paired_change(before, after, lines.append)
+    d = judge_change(before, after, lines.append)
     diffs = [0.5] * 10 + [0.0] * 25 + [-0.5] * 4
     assert abs(d["diff"] - sum(diffs) / len(diffs)) < 1e-12
     assert d["ci"][0] < d["diff"] < d["ci"][1] and d["ci"][0] > -0.5 and d["ci"][1] < 0.5
     assert "39 held-out pairs" in lines[0]
     moved = {"per_pair": {"id": ids[::-1], "maj@N": [1.0] * 40}}
-    assert T._paired_change(before, moved, lines.append) is None and "not paired" in lines[-1]
+    assert judge_change(before, moved, lines.append) is None and "not paired" in lines[-1]
