@@ -340,3 +340,21 @@ def test_static_decode_step_equals_dynamic():
             out.append((torch.stack(steps), e.layers[1].cache.k[:, :, :10].clone()))
     assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
     assert torch.allclose(out[0][1], out[1][1], atol=1e-6)
+
+
+def test_packed_weights_are_rebuilt_after_an_in_place_update():
+    # The engine keeps a model's packed weights between generate calls; a training step changes
+    # the weights in place, and the next call must sample from the new weights, not the kept copy.
+    m = tiny_model(seed=3)
+    for kw in (dict(temperature=0), dict(temperature=1.0, top_p=0.9, n=3, seed=5)):
+        generate(m, prompts(), max_new_tokens=5, progress=False, **kw)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1.5)
+        again = generate(m, prompts(), max_new_tokens=5, progress=False, **kw)
+        fresh = tiny_model(seed=3)
+        fresh.load_state_dict(m.state_dict())
+        expected = generate(fresh, prompts(), max_new_tokens=5, progress=False, **kw)
+        assert [[s.tokens for s in o] for o in again] == [[s.tokens for s in o] for o in expected]
+        if kw["temperature"] == 0:
+            assert [o[0].tokens for o in again] == [naive_greedy(m, p, 5) for p in prompts()]
