@@ -56,12 +56,11 @@ def add_options(parser, config_class, defaults):
         if meta["group"] not in groups:
             groups[meta["group"]] = parser.add_argument_group(meta["group"])
         kwargs = dict(meta["argparse"])
-        default = getattr(defaults, f.name)
         if f.default is False and "action" not in kwargs:
             kwargs["action"] = "store_true"
         else:
-            kwargs["default"] = default
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+            kwargs["default"] = getattr(defaults, f.name)
+        flag = _flag(f)
         dest = {} if flag[2:].replace("-", "_") == f.name else {"dest": f.name}
         groups[meta["group"]].add_argument(flag, help=meta["help"], **dest, **kwargs)
     return parser
@@ -71,7 +70,12 @@ def flag_of(config_class, name) -> str:
     """The command-line flag of a config field (for messages that name it)."""
     for f in fields(config_class):
         if f.name == name:
-            meta = f.metadata.get("option")
-            return (meta and meta["flag"]) or "--" + name.replace("_", "-")
+            return _flag(f)
     raise KeyError(name)
+
+
+def _flag(f) -> str:
+    """A field's flag: the one its option names, else --field-name."""
+    meta = f.metadata.get("option") or {}
+    return meta.get("flag") or "--" + f.name.replace("_", "-")
 

@@ -357,7 +357,6 @@ def main(argv=None):
             out.mkdir(parents=True, exist_ok=True)
         write_world_splits(cfg)
     tok, rows, heldout = _read_inputs(cfg)
-    pairs = rows
     dist.barrier()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +376,7 @@ def main(argv=None):
         report["before"] = read_json(before_file)
 
     log = print if rank == 0 else silent
-    final, star_counts = RUNS[cfg.method](cfg, pairs, tok, out, log)
+    final, star_counts = RUNS[cfg.method](cfg, rows, tok, out, log)
     if star_counts is not None:
         report["star"] = star_counts
 
