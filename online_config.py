@@ -1,57 +1,84 @@
 """online.py's configuration: the OnlineConfig of a run, its command line (also reached through
-`train.py --method online_dpo`) and what a resume may change.
+`train.py --method online_dpo`) and what a resume may change. Every option is declared once, as an
+OnlineConfig field (cli.option), and the command line is built from those fields.
 """
 import argparse
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
-from cli import HelpFormatter, number
+from cli import HelpFormatter, add_options, flag_of, number, option
 from files import DEFAULT_MODEL
 
 JUDGES = ("trained", "base", "bt", "truth")
 REWARDS = ("pairs", "eq6", "winrate")
+LOOP, RUNTIME = "online DPO", "runtime"
 
 
 @dataclass
 class OnlineConfig:
-    """Everything an online run is told; written to args.json."""
-    judge: str = "trained"            # reward source, JUDGES
-    judge_model: str | None = None    # the judge's model directory (default: per --judge)
-    policy: str | None = None         # None: the small world's pretrained policy
-    prompts: str | None = None        # pair JSONL whose prompts are asked (None: the world's questions)
-    out: str | None = None
-    resume: bool = False
+    """Everything an online run is told; written to args.json. Each field is one option: its
+    default, its --help text and its group."""
+    out: str | None = option(None, "run directory (default runs/online_dpo_<judge>)")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    # what is trained and what judges it
+    judge: str = option("trained", "reward source: the small world's trained STaR-DPO judge, its base CoT "
+                                   "judge, a Bradley-Terry RM, or the ground truth (outside the world: "
+                                   "trained/base = the CoT judge --judge-model)", group=LOOP, choices=JUDGES)
+    judge_model: str | None = option(None, "the judge's model directory (default: per --judge; outside the "
+                                           f"small world {DEFAULT_MODEL})", group=LOOP)
+    policy: str | None = option(None, "policy model directory or name (default: the small world's pretrained "
+                                      f"policy; with --prompts, {DEFAULT_MODEL})", group=LOOP)
+    prompts: str | None = option(None, "pair JSONL whose prompts the policy answers (default: the small "
+                                       "world's questions)", group=LOOP)
     # the loop
-    steps: int = 60
-    prompts_per_step: int = 32
-    samples: int = 4                  # answers sampled per prompt
-    online_reward: str = "pairs"      # REWARDS
-    pair_rule: str = "agree"          # pairs: "agree" (every order) or "pooled" (more valid votes)
-    both_orders: bool = True
-    force: str = "argmax"             # a missing verdict: forced from P(A) vs P(B), or "none": a failure
-    judge_samples: int = 1            # CoT rationales per (pair, order), each one judgement
-    judge_max_new_tokens: int = 96
-    max_new_tokens: int = 8           # the policy's answer cap
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # DPO
-    lr: float = 1e-4                  # at 5e-4 the trained judge was hacked within 10 steps (RESULTS.md)
-    beta: float = 0.1
-    dpo_nll: float = 0.0
-    warmup_steps: int = 5
-    clip: float = 1.0
-    micro_batch: int = 64             # pairs per forward; the step's loss is the mean over all its pairs
+    steps: int = option(60, "online steps (one DPO update each)", group=LOOP, type=number(int, 1))
+    prompts_per_step: int = option(32, "prompts per step", group=LOOP, type=number(int, 1))
+    samples: int = option(4, "answers sampled per prompt", group=LOOP, type=number(int, 2))
+    online_reward: str = option("pairs", "pairs: DPO pairs from the pairwise judgements (--pair-rule); eq6: "
+                                         "Eq. 6's log(p/(1-p)) per answer, pooled over both orders; winrate: "
+                                         "round-robin win rate per answer (eq6/winrate: the best answer over "
+                                         "the worst)", group=LOOP, choices=REWARDS)
+    pair_rule: str = option("agree", "pairs: a pair when every order names the same winner, or when the "
+                                     "pooled valid judgements prefer one answer", group=LOOP,
+                            choices=("agree", "pooled"))
+    both_orders: bool = option(True, "judge each pair with each answer as A (else one seeded order)",
+                               group=LOOP, action=argparse.BooleanOptionalAction)
+    force: str = option("argmax", "a rationale without a verdict: force one from P(A) vs P(B) (counted), or "
+                                  "none: a masked failure (counted)", group=LOOP, choices=("argmax", "none"))
+    judge_samples: int = option(1, "CoT rationales per pair and order, each a judgement", group=LOOP,
+                                type=number(int, 1))
+    judge_max_new_tokens: int = option(96, "rationale length cap", group=LOOP, type=number(int, 1))
+    # 8 covers a sum in the small world; parse_args gives real prompts 48 unless the flag is given.
+    max_new_tokens: int = option(8, "policy answer length cap", group=LOOP, type=number(int, 1))
+    temperature: float = option(1.0, "policy sampling", group=LOOP, type=number(float, above=0))
+    top_p: float = option(1.0, "policy sampling nucleus", group=LOOP, type=number(float, above=0, high=1))
+    # DPO; at lr 5e-4 the trained judge was hacked within 10 steps (RESULTS.md).
+    lr: float = option(1e-4, "policy learning rate (AdamW)", group=LOOP, type=number(float, above=0))
+    beta: float = option(0.1, "DPO beta", group=LOOP, type=number(float, above=0))
+    dpo_nll: float = option(0.0, "RPO: weight of the chosen NLL", group=LOOP, type=number(float, 0))
+    warmup_steps: int = option(5, "linear warmup, then constant", group=LOOP, type=number(int, 0))
+    clip: float = option(1.0, "gradient-norm clip", group=LOOP, type=number(float, above=0))
+    micro_batch: int = option(64, "pairs per forward (the update is the same for any value)", group=LOOP,
+                              type=number(int, 1))
     # data
-    train_questions: int = 5000       # the small world's question pool (cycled, reshuffled per pass)
-    eval_questions: int = 500         # held-out questions for the before / after accuracy
-    limit: int | None = None          # real prompts: a seeded subset
+    train_questions: int = option(5000, "small world: the pool of training questions", group=LOOP,
+                                  type=number(int, 1))
+    eval_questions: int = option(500, "small world: held-out questions for the before/after accuracy",
+                                 group=LOOP, type=number(int, 1))
+    limit: int | None = option(None, "--prompts: a seeded subset", group=LOOP, type=number(int, 1))
+    save_every: int = option(5, "checkpoint every N steps (and at the end)", group=LOOP, type=number(int, 0))
+    sample_batch: int = option(64, "prompts per sampling batch", group=LOOP, type=number(int, 1))
     # runtime
-    seed: int = 0
-    save_every: int = 5
-    device: str = "cpu"
-    dtype: str = "float32"            # bfloat16: sample in bf16, train under bf16 autocast
-    threads: int | None = None
-    sample_batch: int = 64            # prompts per sampling batch
-    no_progress: bool = False
+    seed: int = option(0, "seed of every draw (prompts, answers, orders, rationales)", group=RUNTIME,
+                       type=int)
+    device: str = option("cpu", "cpu or cuda", group=RUNTIME)
+    # The command line's default is None, "per world" (parse_args); a config built in code gets float32.
+    dtype: str = option("float32", "bfloat16: sample in bf16, train under bf16 autocast (default: float32 "
+                                   "in the small world, bfloat16 with real models)", group=RUNTIME,
+                        choices=("float32", "bfloat16"))
+    threads: int | None = option(None, "torch CPU threads (default: torch's)", group=RUNTIME,
+                                 type=number(int, 1))
+    no_progress: bool = option(False, "(no progress bars are drawn; kept for train.py's flags)",
+                               group=RUNTIME)
 
     @property
     def world(self) -> bool:
@@ -62,101 +89,22 @@ class OnlineConfig:
 RESUME_FREE = ("out", "resume", "device", "threads", "no_progress", "save_every", "sample_batch")
 
 
-
 def _resume_conflicts(cfg: OnlineConfig, old: dict) -> list:
     """The arguments of cfg that differ from the run's args.json and would change what it computes."""
     new, default = asdict(cfg), asdict(OnlineConfig())
-    return [f"--{k.replace('_', '-')} {old.get(k, default[k])} -> {v}" for k, v in new.items()
+    return [f"{flag_of(OnlineConfig, k)} {old.get(k, default[k])} -> {v}" for k, v in new.items()
             if k not in RESUME_FREE and old.get(k, default[k]) != v]
-
-
-def add_arguments(ap, D: OnlineConfig = OnlineConfig()):
-    """The online loop's options, on an argparse parser (online.py's own, or train.py's)."""
-    g = ap.add_argument_group("online DPO")
-    g.add_argument("--judge", choices=JUDGES, default=D.judge,
-                   help="reward source: the small world's trained STaR-DPO judge, its base CoT judge, "
-                        "a Bradley-Terry RM, or the ground truth (outside the world: trained/base = the "
-                        "CoT judge --judge-model)")
-    g.add_argument("--judge-model", default=D.judge_model,
-                   help="the judge's model directory (default: per --judge; "
-                        f"outside the small world {DEFAULT_MODEL})")
-    g.add_argument("--policy", default=D.policy,
-                   help="policy model directory or name (default: the small world's "
-                        f"pretrained policy; with --prompts, {DEFAULT_MODEL})")
-    g.add_argument("--prompts", default=D.prompts,
-                   help="pair JSONL whose prompts the policy answers (default: the "
-                        "small world's questions)")
-    g.add_argument("--steps", type=number(int, 1), default=D.steps, help="online steps (one DPO update each)")
-    g.add_argument("--prompts-per-step", type=number(int, 1), default=D.prompts_per_step,
-                   help="prompts per step")
-    g.add_argument("--samples", type=number(int, 2), default=D.samples, help="answers sampled per prompt")
-    g.add_argument("--online-reward", choices=REWARDS, default=D.online_reward,
-                   help="pairs: DPO pairs from the pairwise judgements (--pair-rule); eq6: Eq. 6's "
-                        "log(p/(1-p)) per answer, pooled over both orders; winrate: round-robin win rate "
-                        "per answer (eq6/winrate: the best answer over the worst)")
-    g.add_argument("--pair-rule", choices=("agree", "pooled"), default=D.pair_rule,
-                   help="pairs: a pair when every order names the same winner, or when the pooled valid "
-                        "judgements prefer one answer")
-    g.add_argument("--both-orders", action=argparse.BooleanOptionalAction, default=D.both_orders,
-                   help="judge each pair with each answer as A (else one seeded order)")
-    g.add_argument("--force", choices=("argmax", "none"), default=D.force,
-                   help="a rationale without a verdict: force one from P(A) vs P(B) (counted), or none: "
-                        "a masked failure (counted)")
-    g.add_argument("--judge-samples", type=number(int, 1), default=D.judge_samples,
-                   help="CoT rationales per pair and order, each a judgement")
-    g.add_argument("--judge-max-new-tokens", type=number(int, 1), default=D.judge_max_new_tokens,
-                   help="rationale length cap")
-    g.add_argument("--max-new-tokens", type=number(int, 1), default=D.max_new_tokens,
-                   help="policy answer length cap")
-    g.add_argument("--temperature", type=number(float, above=0), default=D.temperature,
-                   help="policy sampling")
-    g.add_argument("--top-p", type=number(float, above=0, high=1), default=D.top_p,
-                   help="policy sampling nucleus")
-    g.add_argument("--lr", type=number(float, above=0), default=D.lr, help="policy learning rate (AdamW)")
-    g.add_argument("--beta", type=number(float, above=0), default=D.beta, help="DPO beta")
-    g.add_argument("--dpo-nll", type=number(float, 0), default=D.dpo_nll,
-                   help="RPO: weight of the chosen NLL")
-    g.add_argument("--warmup-steps", type=number(int, 0), default=D.warmup_steps,
-                   help="linear warmup, then constant")
-    g.add_argument("--clip", type=number(float, above=0), default=D.clip, help="gradient-norm clip")
-    g.add_argument("--micro-batch", type=number(int, 1), default=D.micro_batch,
-                   help="pairs per forward (the update is the same for any value)")
-    g.add_argument("--train-questions", type=number(int, 1), default=D.train_questions,
-                   help="small world: the pool of training questions")
-    g.add_argument("--eval-questions", type=number(int, 1), default=D.eval_questions,
-                   help="small world: held-out questions for the before/after accuracy")
-    g.add_argument("--limit", type=number(int, 1), default=D.limit, help="--prompts: a seeded subset")
-    g.add_argument("--save-every", type=number(int, 0), default=D.save_every,
-                   help="checkpoint every N steps (and at the end)")
-    g.add_argument("--sample-batch", type=number(int, 1), default=D.sample_batch,
-                   help="prompts per sampling batch")
-    return ap
 
 
 def parse_args(argv=None, description=None) -> OnlineConfig:
     """online.py's command line (description: its --help text) -> the OnlineConfig of the run."""
     ap = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    ap.add_argument("--out", default=None, help="run directory (default runs/online_dpo_<judge>)")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its last checkpoint")
-    add_arguments(ap)
-    g = ap.add_argument_group("runtime")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of every draw (prompts, answers, orders, rationales)")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="bfloat16: sample in bf16, train under bf16 autocast (default: float32 in the "
-                        "small world, bfloat16 with real models)")
-    g.add_argument("--threads", type=number(int, 1), default=None,
-                   help="torch CPU threads (default: torch's)")
-    g.add_argument("--no-progress", action="store_true",
-                   help="(no progress bars are drawn; kept for train.py's flags)")
-    a = vars(ap.parse_args(argv))
-    if a["dtype"] is None:
-        a["dtype"] = "float32" if a["policy"] is None and a["prompts"] is None else "bfloat16"
-    if a["policy"] is not None and a["prompts"] is None:
+    add_options(ap, OnlineConfig, replace(OnlineConfig(), dtype=None))
+    cfg = OnlineConfig(**{f.name: getattr(ap.parse_args(argv), f.name) for f in fields(OnlineConfig)})
+    if cfg.policy is not None and cfg.prompts is None:
         ap.error("argument --policy: needs --prompts (the small world's questions need its own policy)")
-    if a["prompts"] is not None and a["max_new_tokens"] == OnlineConfig.max_new_tokens:
-        a["max_new_tokens"] = 48  # real answers are longer than a sum
-    known = {f.name for f in fields(OnlineConfig)}
-    return OnlineConfig(**{k: v for k, v in a.items() if k in known})
+    if cfg.dtype is None:
+        cfg = replace(cfg, dtype="float32" if cfg.world else "bfloat16")
+    if cfg.prompts is not None and cfg.max_new_tokens == OnlineConfig.max_new_tokens:
+        cfg = replace(cfg, max_new_tokens=48)  # real answers are longer than a sum
+    return cfg
