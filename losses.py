@@ -4,7 +4,7 @@ objective (a padded batch of `data.Example` through the model -> (loss sum, numb
 The formulas here are the ones that run: the steps call them, and the fused DPO kernel
 (kernels.FusedPairLoss) runs dpo_loss_and_grad.
 
-  nll_loss / step_sft     token NLL: SFT, STaR-SFT (Eq. 4), rationalizer (Eq. 8)
+  step_sft                token NLL: SFT, STaR-SFT (Eq. 4), rationalizer (Eq. 8)
   step_genrm              GenRM without CoT, Eq. 7, on the indicator token
   bt_loss / step_bt       Bradley-Terry, Eq. 2
   dpo_loss / step_dpo     DPO, cDPO, IPO; STaR-DPO is Eq. 9 (dpo_margin, dpo_loss_and_grad,
@@ -36,19 +36,6 @@ from kernels import (
     pair_rewards,
 )
 from model import Llama
-
-
-def nll_loss(token_logps, mask):
-    """SFT / GenRM (Eq. 7) / rationalization (Eq. 8): token-mean NLL over the masked tokens of the
-    whole batch, returned as its two parts: (sum of -log p over masked tokens, number of masked
-    tokens). The trainer divides the sums of all micro-batches of one optimizer step by their total
-    count, so the mean is over every loss token of the step (TRL's default SFT loss averages per
-    micro-batch instead; OpenRLHF's SFT averages per sequence then per batch). fit.step_sft runs
-    the same sum fused (kernels.fused_logprob_sum).
-
-    Args: token_logps, mask [B, T]. Returns: two scalars."""
-    m = mask.float()
-    return -(token_logps * m).sum(), m.sum()                    # sum_t -log pi(y_t | x, y_<t) * mask_t
 
 
 def bt_loss(r_chosen, r_rejected):
@@ -144,11 +131,15 @@ def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, be
 # one micro-batch of each objective -> (loss sum, correct or None)
 
 def step_sft(model, batch, pad_id):
-    """Token NLL over the completions (SFT, Eq. 4 on kept rationales, Eq. 8): the sum of
-    losses.nll_loss, fused (kernels.fused_logprob_sum never holds the logits)."""
+    """Token NLL over the completions (SFT, Eq. 4 on kept rationales, Eq. 8), summed over the
+    batch's completion tokens; the trainer divides by the step's token count (Example.n), so the
+    mean is over every loss token of the optimizer step (TRL's SFT averages per micro-batch instead,
+    OpenRLHF's per sequence then per batch). Fused: kernels.fused_logprob_sum never holds the
+    logits."""
     idx, valid, mask = prompt_completion_batch([(e.prompt, e.completion) for e in batch], pad_id)
     dev = model.lm_head.weight.device
-    return -completion_logprob_sum(model, idx.to(dev), valid.to(dev), mask.to(dev)), None
+    logp_sum = completion_logprob_sum(model, idx.to(dev), valid.to(dev), mask.to(dev))
+    return -logp_sum, None                                  # sum_t -log pi(y_t | x, y_<t) * mask_t
 
 
 def step_genrm(model, batch, pad_id):

@@ -12,7 +12,7 @@ from data import LoadStats, Pair, load_pairs, pair_examples, sft_examples
 from eval import judge_change
 from fit import TrainConfig, accumulate_gradients, fit
 from genrm import genrm_examples
-from losses import add_reference_logps, bt_loss, dpo_loss, make_step_dpo, nll_loss, step_genrm, step_sft
+from losses import add_reference_logps, bt_loss, dpo_loss, make_step_dpo, step_genrm, step_sft
 from model import Llama
 
 
@@ -40,13 +40,6 @@ def test_dpo_losses_closed_form():
                         rel_tol=1e-6)
     with pytest.raises(ValueError, match="unknown DPO loss kind"):
         dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="hinge")
-
-
-def test_nll_loss_is_token_sum_and_count():
-    lp = torch.tensor([[0.0, -1.0, -2.0], [0.0, -3.0, -4.0]])
-    m = torch.tensor([[0, 1, 1], [0, 0, 1]])
-    s, n = nll_loss(lp, m)
-    assert float(s) == 7.0 and float(n) == 3.0
 
 
 def test_sft_step_equals_naive_cross_entropy():
