@@ -17,20 +17,17 @@ import functools
 import math
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from data import Pair, completion_ids, load_tokenizer, prompt_completion_batch
 from files import read_jsonl, write_jsonl
 from genrm import p_chosen
+from kernels import IGNORE_INDEX, fused_logprobs
 from losses import bt_loss, dpo_loss
 from model import Llama, rope_inv_freq
+from oracle_compare import TOP_K, compare, read_dump, row_sequences
 from sample import top_p_filter
-
-TOP_K = 5
-RATIO_BANDS = (0.1, 0.2)  # the fraction of tokens whose exp(diff) leaves [1 - b, 1 + b] is reported
-
 
 # ----------------------------------------------------------------------------------------------
 # input rows
@@ -107,8 +104,11 @@ def score(model, items, *, batch_size=1, temperature=None, top_p=None):
         chunk = seqs[s:s + batch_size]
         idx, valid, _ = prompt_completion_batch(chunk, pad_id=0)  # right padding; pad id is masked out
         idx, valid = idx.to(dev), valid.to(dev)
-        logits = model(idx, valid=valid)                                      # [b, T, V] float32
+        hidden = model.hidden(idx, valid=valid)                               # [b, T, H]
+        logits = model.lm_head(hidden).float()                                # [b, T, V] float32
         rewards = model.reward(idx, valid).tolist() if model.score is not None else None
+        if temperature is not None or top_p is not None:
+            tempered = tempered_logprobs(model, hidden, chunk, temperature or 1.0)
         for i, (prompt, comp) in enumerate(chunk):
             P, C = len(prompt), len(comp)
             lg = logits[i, P - 1:P + C - 1]                                   # [C, V] predicts comp
@@ -121,10 +121,29 @@ def score(model, items, *, batch_size=1, temperature=None, top_p=None):
                    "top5_logprobs": top.values.tolist()}
             if temperature is not None or top_p is not None:
                 rec.update(processed(lg, tgt, temperature or 1.0, top_p or 1.0))
+                rec["tempered_logprobs"], rec["entropy"] = tempered[i]
             if rewards is not None:
                 rec["reward"] = rewards[i]
             out.append(rec)
     return out
+
+
+def tempered_logprobs(model, hidden, chunk, temperature):
+    """Per completion token of each (prompt, completion) in `chunk`, log softmax(logits / T)[token]
+    and the entropy of softmax(logits / T) (no nucleus cut): the log-probs an RL trainer's actor
+    recomputes at the rollout temperature and the entropy it logs (verl, OpenRLHF). They come from
+    kernels.fused_logprobs on the batch's final hidden states [b, T, H] (right padding), every
+    position that predicts no completion token given the target IGNORE_INDEX. Returns a list of
+    (log-probs, entropies), two lists of floats per sequence."""
+    b, T, H = hidden.shape
+    targets = torch.full((b, T), IGNORE_INDEX, dtype=torch.long, device=hidden.device)
+    for i, (prompt, comp) in enumerate(chunk):  # position P + t - 1 predicts completion token t
+        targets[i, len(prompt) - 1:len(prompt) + len(comp) - 1] = torch.tensor(comp)
+    lp, ent = fused_logprobs(hidden.reshape(b * T, H), model.lm_head.weight, targets.flatten(),
+                             temperature=temperature, return_entropy=True)           # [b * T] each
+    lp, ent = lp.view(b, T), ent.view(b, T)
+    return [(lp[i][targets[i] != IGNORE_INDEX].tolist(), ent[i][targets[i] != IGNORE_INDEX].tolist())
+            for i in range(b)]
 
 
 def processed(logits, tgt, temperature, top_p):
@@ -237,85 +256,6 @@ def add_genrm(model, tok, items, rows):
             first = p_chosen(model, tok, [it["pair"]], [True]).item()        # chosen is A: p(A > B)
             second = p_chosen(model, tok, [it["pair"]], [False]).item()      # chosen is B: 1 - p(A > B)
             row["genrm_p_a"] = {"chosen_is_a": first, "chosen_is_b": 1 - second}
-
-
-# ----------------------------------------------------------------------------------------------
-# comparing two dumps
-
-def row_sequences(row):
-    """(name, sequence record) of a dump row: the row itself, or its chosen and rejected."""
-    if "logprobs" in row:
-        return [("", row)]
-    return [(k, row[k]) for k in ("chosen", "rejected") if isinstance(row.get(k), dict)]
-
-
-def compare(ours, theirs, tol):
-    """Mismatch statistics of dump rows `theirs` against `ours` (matched by id) as printable lines,
-    and whether every check is within `tol`: per-token |diff| max, the DPO loss, equal token ids,
-    no missing rows. `ours`, `theirs`: lists of rows."""
-    a, b = {r["id"]: r for r in ours}, {r["id"]: r for r in theirs}
-    diffs, sums, losses, top1, top5, worst, bad_ids, proc = [], [], [], [], [], [], [], []
-    for rid in (k for k in a if k in b):
-        for (name, x), (_, y) in zip(row_sequences(a[rid]), row_sequences(b[rid])):
-            label = f"{rid}{'/' + name if name else ''}"
-            if x["token_ids"] != y.get("token_ids"):
-                bad_ids.append(label)
-                continue
-            d = np.asarray(y["logprobs"], dtype=np.float64) - np.asarray(x["logprobs"], dtype=np.float64)
-            diffs.append(d)
-            worst.append((float(np.abs(d).max()), label, int(np.abs(d).argmax())))
-            sums.append(abs(d.sum()))
-            if "top5_ids" in x and "top5_ids" in y:
-                top1 += [p[0] == q[0] for p, q in zip(x["top5_ids"], y["top5_ids"])]
-                top5 += [len(set(p) & set(q)) / TOP_K for p, q in zip(x["top5_ids"], y["top5_ids"])]
-            if "processed_logprobs" in x and "processed_logprobs" in y:
-                proc += [abs(p - q) if p is not None and q is not None else (0.0 if p == q else math.inf)
-                         for p, q in zip(x["processed_logprobs"], y["processed_logprobs"])]
-        if "loss" in a[rid] and "loss" in b[rid]:
-            losses.append((abs(b[rid]["loss"] - a[rid]["loss"]), rid))
-    missing = sorted(set(a) ^ set(b))
-    lines = [f"rows: {len(set(a) & set(b))} matched, {len(missing)} in only one dump"
-             + (f" (e.g. {missing[:5]})" if missing else "")]
-    ok = not missing and not bad_ids
-    if bad_ids:
-        lines.append(f"different token ids in {len(bad_ids)} sequence(s), not compared: {bad_ids[:5]}")
-    if diffs:
-        d = np.abs(np.concatenate(diffs))
-        lines.append(f"per-token |diff| over {d.size} tokens: mean {d.mean():.3g}, "
-                     f"p95 {np.percentile(d, 95):.3g}, max {d.max():.3g} (tol {tol:g})")
-        ratio = np.exp(np.concatenate(diffs))
-        lines.append("tokens with exp(diff) outside " + ", ".join(
-            f"[{1 - r:g}, {1 + r:g}]: {np.mean((ratio < 1 - r) | (ratio > 1 + r)):.4f}" for r in RATIO_BANDS))
-        lines.append(f"sequence-sum |diff|: mean {np.mean(sums):.3g}, max {np.max(sums):.3g}")
-        ok &= bool(d.max() <= tol)
-    if top1:
-        lines.append(f"top-1 agreement {np.mean(top1):.4f}, top-5 overlap {np.mean(top5):.4f}")
-    if proc:
-        lines.append(f"processed log-probs |diff|: max {max(proc):.3g} (inf: a token in one nucleus only)")
-    if losses:
-        m, rid = max(losses)
-        lines.append(f"DPO loss |diff| over {len(losses)} pairs: max {m:.3g} (row {rid})")
-        ok &= m <= tol
-    worst.sort(reverse=True)
-    if worst:
-        lines.append("worst rows: " + ", ".join(f"{lab} ({m:.3g} at token {i})" for m, lab, i in worst[:5]))
-    return lines, ok
-
-
-def read_dump(path):
-    """A dump's rows; a row without an id, or a sequence without token_ids and logprobs (lists of
-    equal length): an error naming the file, line and field."""
-    rows = []
-    for n, r in read_jsonl(path):
-        if "id" not in r or not row_sequences(r):
-            raise ValueError(f"{path}:{n}: missing field '{'logprobs' if 'id' in r else 'id'}'")
-        for name, x in row_sequences(r):
-            ids, lps = x.get("token_ids"), x.get("logprobs")
-            if not isinstance(ids, list) or not isinstance(lps, list) or len(ids) != len(lps):
-                raise ValueError(f"{path}:{n}: field '{name + '.' if name else ''}logprobs' must be a list "
-                                 "as long as its token_ids")
-        rows.append({**r, "id": str(r["id"])})
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------

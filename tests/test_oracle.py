@@ -11,6 +11,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
 import oracle
+import oracle_compare
 from conftest import tiny_model
 from data import Pair, load_tokenizer
 from genrm import judge_messages
@@ -105,6 +106,21 @@ def test_processed_logprobs_are_the_renormalised_nucleus(setup):
     assert got["processed_logprob_sum"] is None and got["processing"] == {"temperature": 0.7, "top_p": 0.9}
 
 
+def test_tempered_logprobs_and_entropy_match_the_naive_tempered_softmax(setup):
+    """--temperature 0.7: each completion token's log softmax(logits / T) and the entropy of
+    softmax(logits / T), against a float64 forward written in the tests; pairs included."""
+    for row, got in zip(setup["rows"], setup["dump"]):
+        for name, rec in oracle_compare.row_sequences(got):
+            comp = row["completion_ids"] if name == "" else row[f"{name}_ids"]
+            _, logits = _naive_logprobs(setup["policy"], row["prompt_ids"], comp)
+            lp = torch.log_softmax(logits / 0.7, -1)                                  # [C, V]
+            want = lp.gather(1, torch.tensor(comp)[:, None]).squeeze(1)
+            entropy = -(lp.exp() * lp).sum(-1)
+            assert rec["tempered_logprobs"] == pytest.approx(want.tolist(), abs=1e-5)
+            assert rec["entropy"] == pytest.approx(entropy.tolist(), abs=1e-5)
+            assert rec["tempered_logprobs"] != pytest.approx(rec["logprobs"], abs=1e-3)  # T matters
+
+
 def test_compare_passes_itself_and_fails_a_moved_token_naming_the_row(setup, tmp_path, capsys):
     assert oracle.main(["--compare", str(setup["out"]), str(setup["out"])]) == 0
     assert capsys.readouterr().out.strip().endswith("PASS")
@@ -116,7 +132,7 @@ def test_compare_passes_itself_and_fails_a_moved_token_naming_the_row(setup, tmp
     out = capsys.readouterr().out
     assert out.strip().endswith("FAIL")
     assert "worst rows: p1/rejected (0.3 at token 3)" in out
-    n = sum(len(rec["logprobs"]) for r in setup["dump"] for _, rec in oracle.row_sequences(r))
+    n = sum(len(rec["logprobs"]) for r in setup["dump"] for _, rec in oracle_compare.row_sequences(r))
     assert "max 0.3 " in out and f"[0.8, 1.2]: {1 / n:.4f}" in out  # one token, exp(0.3) = 1.35
     # a tolerance above the moved token passes
     assert oracle.main(["--compare", str(setup["out"]), str(f), "--tol", "0.31"]) == 0
