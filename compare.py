@@ -69,13 +69,17 @@ def rb_group(r):
     return reasoning_half(r["id"]) if r.get("category") == "reasoning" else r.get("category", "")
 
 
+def whole_file(r):
+    """One group: every row of the file."""
+    return ""
+
+
 def plan(a) -> dict:
     """subset name -> (group of a row, pairs per group) at the sizes asked."""
-    one = lambda r: ""  # noqa: E731  one group: the whole file
     rb = {s: a.rb_per_section for s in SECTIONS if s != "reasoning"}
     rb |= {"reasoning/math": a.rb_per_section // 2, "reasoning/code": a.rb_per_section // 2}
-    return {"train": (one, {"": a.train}), "id": (one, {"": a.id}), "rewardbench": (rb_group, rb),
-            "hh_harmless": (one, {"": a.hh})}
+    return {"train": (whole_file, {"": a.train}), "id": (whole_file, {"": a.id}),
+            "rewardbench": (rb_group, rb), "hh_harmless": (whole_file, {"": a.hh})}
 
 
 def _subset(src: Path, group, counts, seed) -> list:
@@ -215,6 +219,18 @@ def _curve(results: dict, id_file: str) -> list:
     return lines
 
 
+def fmt_diff(r) -> str:
+    """A comparison cell: the difference in accuracy, its 95% interval and p-value; "-" for none."""
+    if r is None:
+        return "-"
+    return f"{r['diff']:+.3f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}] p={r['p']:.3f}"
+
+
+def fmt_minutes(seconds) -> str:
+    """A wall-time cell in minutes; "-" for none."""
+    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def table(results: dict, files: dict) -> str:
     """Markdown: accuracy with its 95% interval per eval set and RewardBench section; each trained
     judge against the base judge of its kind on the same pairs (comparisons); the maj@N curve on
@@ -222,7 +238,6 @@ def table(results: dict, files: dict) -> str:
     results: row name -> {"samples": N, "judge": J, "files": {eval file name -> eval.py summary}}.
     Judges are scored with each order counted on its own (maj@N), and pooled over both orders
     (eval.pooled_outcome), which cancels a pure position bias."""
-    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     names = [Path(files[k]).name for k in ("id", "rewardbench", "hh_harmless")]
     cols = [(names[0], "all")] + [(names[1], s) for s in (*SECTIONS, "mean")] + [(names[2], "all")]
     lines = ["| method | ID (AlpacaEval) | RB chat | RB chat_hard | RB safety | RB reasoning | RB mean "
@@ -244,11 +259,9 @@ def table(results: dict, files: dict) -> str:
             add(f"{name}, both orders pooled", res, "pooled")
     lines += ["", "| trained judge | compared with | score | ID (AlpacaEval) | RB mean | HH harmless |",
               "|---|---|---|---|---|---|"]
-    diff = lambda r: ("-" if r is None  # noqa: E731
-                      else f"{r['diff']:+.3f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}] p={r['p']:.3f}")
     for c in comparisons(results, files):
         lines.append(f"| {c['judge']} | {c['vs']} | {c['score']} | "
-                     + " | ".join(diff(c["cells"][f]) for f in names) + " |")
+                     + " | ".join(fmt_diff(c["cells"][f]) for f in names) + " |")
     lines += ["", *_curve(results, names[0])]
     lines += ["", "| method | eval set | parse failures | forced verdicts | tie / no verdict | "
               "acc chosen as A | acc chosen as B | swap consistency |", "|---|---|---|---|---|---|---|---|"]
@@ -258,13 +271,12 @@ def table(results: dict, files: dict) -> str:
             if not s or "position" not in s:  # BT: no verdicts, no order
                 continue
             p = s["position"]
-            lines.append(f"| {name} | {f} | {fmt(s.get('parse_failure_rate'))} | "
-                         f"{fmt(s.get('forced_rate'))} | {fmt(s['tie_rate'])} / "
-                         f"{fmt(s['no_verdict_rate'])} | {fmt(p['acc_chosen_as_A'])} | "
-                         f"{fmt(p['acc_chosen_as_B'])} | {fmt(p['swap_consistency'])} |")
+            lines.append(f"| {name} | {f} | {fmt_acc(s.get('parse_failure_rate'))} | "
+                         f"{fmt_acc(s.get('forced_rate'))} | {fmt_acc(s['tie_rate'])} / "
+                         f"{fmt_acc(s['no_verdict_rate'])} | {fmt_acc(p['acc_chosen_as_A'])} | "
+                         f"{fmt_acc(p['acc_chosen_as_B'])} | {fmt_acc(p['swap_consistency'])} |")
     lines += ["", "| method | training wall time | evaluation wall time |", "|---|---|---|"]
-    mins = lambda x: "-" if x is None else f"{x / 60:.1f} min"  # noqa: E731
-    lines += [f"| {name} | {mins(res.get('train_s'))} | {mins(res.get('eval_s'))} |"
+    lines += [f"| {name} | {fmt_minutes(res.get('train_s'))} | {fmt_minutes(res.get('eval_s'))} |"
               for name, res in results.items()]
     return "\n".join(lines) + "\n"
 

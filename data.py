@@ -10,7 +10,6 @@ answers are counted skips, reported by the caller.
 import random
 import shutil
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,7 +51,8 @@ class Tokenizer:
 
     def save(self, directory):
         """Copy tokenizer.json next to a saved model, so the directory is a complete model."""
-        atomic_write(Path(directory) / "tokenizer.json", partial(shutil.copyfile, self.source))
+        with atomic_write(Path(directory) / "tokenizer.json") as tmp:
+            shutil.copyfile(self.source, tmp)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -5,6 +5,7 @@ file.
 Every artefact of a run (checkpoints, STaR samples, reports) goes through `atomic_write`, so a
 killed process leaves either the old file or the new one, never a torn one.
 """
+import contextlib
 import json
 import os
 import tempfile
@@ -16,14 +17,17 @@ from safetensors.torch import load_file, save_file
 DEFAULT_MODEL = "smollm2-135m-instruct"  # accepted wherever a model directory is (resolve_model)
 
 
-def atomic_write(dst, write_fn):
-    """Call write_fn(tmp_path) then rename onto dst, so a crash never leaves a half-written file."""
+@contextlib.contextmanager
+def atomic_write(dst):
+    """`with atomic_write(dst) as tmp:` write the file at path `tmp` (a str, in dst's directory);
+    when the block ends it is renamed onto dst, so a crash never leaves a half-written file. If the
+    block raises, dst keeps what it held and the temp file is removed."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write_fn(tmp)
+        yield tmp
         os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
     finally:
@@ -41,7 +45,8 @@ def read_json(path) -> dict:
 
 def write_text(path, text: str):
     """Write a text file, atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def write_json(path, obj):
@@ -72,11 +77,9 @@ def read_jsonl(path):
 
 def write_jsonl(path, rows):
     """Write rows, one JSON object a line, atomically (temp file, then rename)."""
-    def write_rows(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    atomic_write(path, write_rows)
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def require(obj: dict, names, where: str, prefix: str = ""):
@@ -131,7 +134,8 @@ def load_state_dict(path: Path) -> dict:
 
 def write_safetensors(path, tensors: dict):
     """Write tensors (name -> contiguous CPU tensor) as one safetensors file, atomically."""
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
 
 
 def check_run_dir(out: Path, resume: bool, conflicts):

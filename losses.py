@@ -214,7 +214,8 @@ def _compute_reference(ref_path, examples, pad_id, batch_size, dtype, device, pr
 
 def _save_torch(path, obj):
     """torch.save, atomically."""
-    atomic_write(path, partial(torch.save, obj))
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 @torch.no_grad()

@@ -116,6 +116,11 @@ def _accuracies(pp, idx, weights=None) -> dict:
     return out
 
 
+def _mean(xs):
+    """The mean of a list, None for an empty one (no judgement in that order)."""
+    return sum(xs) / len(xs) if xs else None
+
+
 def _majk(j, key, k) -> float:
     """1.0 when the majority of judgement j's first k votes picked the chosen answer (`key`);
     a tie or no verdict among them counts 0, as for maj@N."""
@@ -177,10 +182,9 @@ def summarize(pairs, recs) -> dict:
         idx = [i for s in secs for i in members[s]]
         out["sections"] = {**_accuracies(pp, idx, section_weights(pp["group"][i] for i in idx)),
                            "present": secs}
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     if n_judg:
-        out["position"] = {"acc_chosen_as_A": mean(pos["A"]), "acc_chosen_as_B": mean(pos["B"]),
-                           "swap_consistency": mean(swaps)}
+        out["position"] = {"acc_chosen_as_A": _mean(pos["A"]), "acc_chosen_as_B": _mean(pos["B"]),
+                           "swap_consistency": _mean(swaps)}
         out["tie_rate"] = n_tie / n_judg
         out["no_verdict_rate"] = n_none / n_judg
     if n_votes:

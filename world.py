@@ -96,7 +96,8 @@ def write_tokenizer(path):
     tok.decoder = decoders.Fuse()  # decode joins tokens with nothing between them
     tok.add_special_tokens([AddedToken(t, normalized=False) for t in SPECIAL])
     tok.add_tokens([AddedToken(t, normalized=False) for t in PROMPT_PIECES])
-    atomic_write(Path(path), lambda f: tok.save(str(f)))
+    with atomic_write(path) as tmp:
+        tok.save(tmp)
 
 
 def write_initial_model(directory, seed: int, config: dict | None = None):

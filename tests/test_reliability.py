@@ -18,6 +18,7 @@ import eval as E
 import train as T
 from conftest import ROOT, CharTok, tiny_model
 from data import LoadStats, Pair, load_pairs, load_tokenizer
+from files import atomic_write
 from fit import TrainConfig, fit
 from genrm import genrm_examples, seeded_orders
 from losses import step_genrm
@@ -318,3 +319,17 @@ def test_help_shows_defaults_and_genrm_has_a_progress_bar(tmp_path, capsys):
     E.main(["--model", str(m), "--judge", "genrm", "--data", str(pairs_file(tmp_path / "d.jsonl", 2)),
             "--out", str(tmp_path / "e")])
     assert "genrm:" in capsys.readouterr().err
+
+
+def test_atomic_write_replaces_the_file_only_when_the_block_ends_without_error(tmp_path):
+    dst = tmp_path / "report.json"
+    dst.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(dst) as tmp:
+            Path(tmp).write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert dst.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    with atomic_write(dst) as tmp:
+        Path(tmp).write_text("new")
+        assert dst.read_text() == "old"  # the old file stands until the block ends
+    assert dst.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
