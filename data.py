@@ -284,8 +284,9 @@ class Example:
     ref: dict | None = None
 
     @property
-    def n(self) -> int:
-        """What the loss averages over: completion tokens (SFT-like), or 1 per pair / verdict."""
+    def loss_terms(self) -> int:
+        """What this example adds to the count the step's loss is averaged over: its completion
+        tokens (SFT-like), or 1 (a pair, or a verdict)."""
         return 1 if self.rejected is not None or self.other is not None else len(self.completion)
 
     @property

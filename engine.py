@@ -80,7 +80,7 @@ class DecodeLayout:
     prompt_len are junk, masked); its sampled tokens follow at slots gen_start, gen_start + 1, ...,
     so the sampled tokens of all rows sit in one short range whatever their prompt lengths.
     Rows sampling the same prompt form a group: cascade_attention reads the prompt's keys once per
-    group (no groups: each row reads its own prompt)."""
+    group (members None: each row reads its own prompt)."""
     prompt_len: torch.Tensor  # [B] long
     gen_start: int            # the call's longest prompt
     members: torch.Tensor | None = None  # [P, m] each group's rows (the first reads the prompt), padded
@@ -88,13 +88,13 @@ class DecodeLayout:
     member: torch.Tensor | None = None   # [B] each row's index in members[group]
 
 
-def cascade_attention(q, k, v, mask, L, groups: DecodeLayout | None = None):
+def cascade_attention(q, k, v, mask, L, layout: DecodeLayout | None = None):
     """Decode attention with each key read once for all the rows that share it (cascade attention,
     the idea of vLLM's and FlashInfer's shared-prefix kernels), in up to three levels: slots [0, L)
     hold the same keys in every row (a prefix of every prompt), read from row 0 for all rows'
-    queries; with `groups`, slots [L, gen_start) hold each row's prompt, read from one row per
-    group for the queries of all its rows; the remaining slots per row. One softmax over all levels,
-    in float32.
+    queries; with a `layout` that has groups, slots [L, gen_start) hold each row's prompt, read
+    from one row per group for the queries of all its rows; the remaining slots per row. One
+    softmax over all levels, in float32.
 
     Args:
         q: [B, nkv, g, hd] the g query heads of each kv head.
@@ -105,15 +105,15 @@ def cascade_attention(q, k, v, mask, L, groups: DecodeLayout | None = None):
         [B, nkv, g, hd] in q's dtype.
     """
     (B, nkv, g, hd), dt, q = q.shape, q.dtype, q.float()  # float32 scores and sums (no-ops in float32)
-    G = L if groups is None else groups.gen_start
+    G = L if layout is None else layout.gen_start
     k0, v0, k2, v2 = k[0, :, :L].float(), v[0, :, :L].float(), k[:, :, G:].float(), v[:, :, G:].float()
     # Level 1: every row's queries as one block against the shared prefix, read from row 0.
     s = [(q.transpose(0, 1).reshape(nkv, B * g, hd) @ k0.transpose(1, 2)).view(nkv, B, g, L).transpose(0, 1)]
     if G > L:  # Level 2, per group: the members' queries as one block against their prompt's keys.
-        (P, m), first = groups.members.shape, groups.members[:, 0]     # first: the row read per group
-        at = (groups.group, slice(None), groups.member)                  # row b's place in the groups
+        (P, m), first = layout.members.shape, layout.members[:, 0]     # first: the row read per group
+        at = (layout.group, slice(None), layout.member)                  # row b's place in the groups
         kb, vb = k[first, :, L:G].float(), v[first, :, L:G].float()                # [P, nkv, G-L, hd]
-        qg = q[groups.members].transpose(1, 2).reshape(P, nkv, m * g, hd)          # [P, nkv, m*g, hd]
+        qg = q[layout.members].transpose(1, 2).reshape(P, nkv, m * g, hd)          # [P, nkv, m*g, hd]
         sb = (qg @ kb.transpose(2, 3)).view(P, nkv, m, g, G - L) + mask[first, :, :, None, L:G]
         s.append(sb[at])                                                           # [B, nkv, g, G-L] row b's
     # Level 3: each row's own slots (its sampled tokens).
@@ -237,15 +237,15 @@ class Engine:
         heads = r[:, None] * self.nkv + torch.arange(self.nkv, device=dev)       # [B, nkv]
         where = (heads * self.length)[:, :, None] + slot[:, None, :]              # [B, nkv, T]
         # Rows grouped by prompt (cascade); a static step reads each row's prompt from its own row.
-        groups = layout if layout is not None and layout.members is not None and not static else None
+        cascade = layout if layout is not None and layout.members is not None and not static else None
         x = self.model.model.embed_tokens(idx)                                   # [B, T, H]
         for layer in self.layers:
             blk = layer.block
-            x = x + self._attention(layer, blk.input_layernorm(x), cos, sin, mask, where, rows, groups)
+            x = x + self._attention(layer, blk.input_layernorm(x), cos, sin, mask, where, rows, cascade)
             x = x + self._mlp(layer, blk.post_attention_layernorm(x))
         return self.model.model.norm(x)
 
-    def _attention(self, layer, x, cos, sin, mask, where, rows, groups):
+    def _attention(self, layer, x, cos, sin, mask, where, rows, cascade):
         """Attention with the cache: one matmul for q, k, v, RoPE on q and k at once, and at T = 1
         the g = nh / nkv query heads of a kv head as g queries (no expanded k, v). x [B, T, H]."""
         B, T, _ = x.shape
@@ -256,7 +256,7 @@ class Engine:
         k, v = layer.cache.update(where, qk[:, nh:], v, rows, mask.shape[-1])  # [B, nkv, S', hd]
         if T == 1:  # query head h uses kv head h // g: [B, nkv, g, hd] attends like g tokens
             q = q.reshape(B, nkv, nh // nkv, hd)
-            y = (cascade_attention(q, k, v, mask, self.shared, groups) if self.shared or groups is not None
+            y = (cascade_attention(q, k, v, mask, self.shared, cascade) if self.shared or cascade is not None
                  else F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]

@@ -129,7 +129,7 @@ def accumulate_gradients(model, group, step_fn, pad_id, autocast=None):
     batch_size, grad_accum and the number of ranks are. Under torchrun each rank takes every
     world-th example of each micro-batch; FSDP averages gradients over ranks, so the loss is
     scaled by the world size to keep the global mean. Returns (loss, accuracy or None)."""
-    denom = float(sum(e.n for b in group for e in b))                        # the step's tokens or pairs
+    denom = float(sum(e.loss_terms for b in group for e in b))  # the step's tokens or pairs
     W = dist.world()
     tot_loss, tot_c, has_acc = 0.0, 0.0, False
     for batch in group:

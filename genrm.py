@@ -165,7 +165,7 @@ def reward_eq6(p_pref: torch.Tensor, eps=1e-6) -> torch.Tensor:
 
 def forced_verdicts(ab, sample_seeds=None, temperature=1.0):
     """Verdicts for rationales without one, from the indicator logits ab [N, 2] ('A', 'B') right
-    after rationale + VERDICT_PREFIX (generate's `then`): the argmax of P(A) vs P(B); with
+    after rationale + VERDICT_PREFIX (generate's `suffix`): the argmax of P(A) vs P(B); with
     `sample_seeds` (one per rationale), a draw from softmax(ab / temperature) instead (temperature
     1: P(A) / (P(A) + P(B)), as the paper's sampler would have drawn the verdict token; STaR
     sampling); judging uses the argmax. Returns a list of 'A'/'B'."""
@@ -206,11 +206,11 @@ def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temper
     pair index in this call; or a list), so batch size does not change results."""
     seeds = [seed + i for i in range(len(pairs))] if isinstance(seed, int) else list(seed)
     prompts = [tok.apply_chat(judge_messages(p, o, prompt_kind)) for p, o in zip(pairs, a_is_chosen)]
-    then = (dict(then=tok.encode(VERDICT_PREFIX), then_ids=[tok.token_id("A"), tok.token_id("B")]) if force
-            else {})
+    suffix = (dict(suffix=tok.encode(VERDICT_PREFIX), suffix_logit_ids=[tok.token_id("A"), tok.token_id("B")])
+              if force else {})
     outs = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    stop_ids=tok.stop_ids, seed=seeds, prompt_batch=prompt_batch, progress=progress, **then)
-    res = [[{"completion": tok.decode(c.tokens), "ab": c.then_logits} for c in o] for o in outs]
+                    stop_ids=tok.stop_ids, seed=seeds, prompt_batch=prompt_batch, progress=progress, **suffix)
+    res = [[{"completion": tok.decode(c.tokens), "ab": c.suffix_logits} for c in o] for o in outs]
     todo = []
     for i, r in enumerate(res):
         for j, s in enumerate(r):

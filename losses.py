@@ -12,8 +12,8 @@ The formulas here are the ones that run: the steps call them, and the fused DPO 
   add_reference_logps     DPO's reference log-probs, computed once and cached on disk
 
 Every step returns a loss *sum*; the trainer (fit.accumulate_gradients) divides it by the count
-of the whole optimizer step (`Example.n`: loss tokens, or 1 per pair or verdict), the one place
-where each objective becomes a mean over all its tokens or pairs.
+of the whole optimizer step (`Example.loss_terms`: loss tokens, or 1 per pair or verdict), the one
+place where each objective becomes a mean over all its tokens or pairs.
 """
 import hashlib
 import json
@@ -132,7 +132,7 @@ def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, be
 
 def step_sft(model, batch, pad_id):
     """Token NLL over the completions (SFT, Eq. 4 on kept rationales, Eq. 8), summed over the
-    batch's completion tokens; the trainer divides by the step's token count (Example.n), so the
+    batch's completion tokens; the trainer divides by the step's token count (Example.loss_terms), so the
     mean is over every loss token of the optimizer step (TRL's SFT averages per micro-batch instead,
     OpenRLHF's per sequence then per batch). Fused: kernels.fused_logprob_sum never holds the
     logits."""

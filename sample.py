@@ -26,7 +26,7 @@ class Completion:
     tokens: list          # sampled ids, the stop token included when one ended the sequence
     logprobs: list        # log softmax(logits at temperature 1)[token] for each sampled token
     finish: str           # "stop" or "length"
-    then_logits: list = None  # with generate(then=...): float32 logits of then_ids after the suffix
+    suffix_logits: list = None  # generate(suffix=...): float32 logits of suffix_logit_ids after it
 
 
 def top_p_filter(probs, p):
@@ -74,7 +74,7 @@ def pick_next(logits, temperature, top_p, u):
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature if temperature != 1 else logits, -1)  # [R, V]
-    tok = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+    token_ids = torch.empty(len(probs), dtype=torch.long, device=probs.device)
     todo = torch.arange(len(probs), device=probs.device)                    # rows still to sample
     for K in _TOP_K if top_p < 1.0 else ():
         if K + 1 >= probs.shape[-1] or not len(todo):
@@ -82,14 +82,14 @@ def pick_next(logits, temperature, top_p, u):
         ps, order = (probs if len(todo) == len(probs) else probs[todo]).topk(K + 1, dim=-1)  # [R', K+1]
         before = ps.cumsum(-1)[:, K] - ps[:, K]                             # the mass before token K+1
         ok = before.gt(top_p) & ps[:, :K].sum(-1).gt(top_p)                 # the nucleus lies in the top K
-        tok[todo[ok]] = _sample_sorted(ps[ok, :K], order[ok, :K], top_p, u[todo[ok]])
+        token_ids[todo[ok]] = _sample_sorted(ps[ok, :K], order[ok, :K], top_p, u[todo[ok]])
         todo = todo[~ok]
     if len(todo):
-        tok[todo] = _sample_sorted(*probs[todo].sort(-1, descending=True), top_p, u[todo])
-    return tok
+        token_ids[todo] = _sample_sorted(*probs[todo].sort(-1, descending=True), top_p, u[todo])
+    return token_ids
 
 
-def _check_args(model, prompts, seed, max_new_tokens, then):
+def _check_args(model, prompts, seed, max_new_tokens, suffix):
     """generate's arguments checked; returns one seed per prompt."""
     seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
     if len(seeds) != len(prompts):
@@ -100,9 +100,9 @@ def _check_args(model, prompts, seed, max_new_tokens, then):
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty")
-        if len(p) + max_new_tokens + len(then) > limit:
-            raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} + {len(then)} "
-                             f"then tokens exceeds the model's {limit} positions")
+        if len(p) + max_new_tokens + len(suffix) > limit:
+            raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens {max_new_tokens} + {len(suffix)} "
+                             f"suffix tokens exceeds the model's {limit} positions")
     return seeds
 
 
@@ -111,11 +111,11 @@ def _check_args(model, prompts, seed, max_new_tokens, then):
 
 @torch.no_grad()
 def reference_generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(),
-                       seed=0, then=(), then_ids=()):
+                       seed=0, suffix=(), suffix_logit_ids=()):
     """generate's results the plain way: each (prompt, sample) alone, every step a full no-cache
     forward of prompt + the tokens sampled so far, the same uniforms and rule (pick_next). Slow
     (quadratic in the length); what the fast paths of generate are tested against."""
-    seeds = _check_args(model, prompts, seed, max_new_tokens, then)
+    seeds = _check_args(model, prompts, seed, max_new_tokens, suffix)
     dev, stop = model.lm_head.weight.device, set(stop_ids)
     out = []
     for p, s in zip(prompts, seeds):
@@ -132,12 +132,12 @@ def reference_generate(model: Llama, prompts, *, n=1, max_new_tokens, temperatur
                 if t in stop:
                     break
             finish = "stop" if toks[-1] in stop else "length"
-            then_logits = None
-            if then:  # the suffix after the sample, its stop token left out
+            suffix_logits = None
+            if suffix:  # the suffix after the sample, its stop token left out
                 fed = toks[:-1] if finish == "stop" else toks
-                after = model(torch.tensor([p + fed + list(then)], device=dev))[0, -1]  # [V]
-                then_logits = after[list(then_ids)].tolist()
-            samples.append(Completion(toks, lps, finish, then_logits))
+                after = model(torch.tensor([p + fed + list(suffix)], device=dev))[0, -1]  # [V]
+                suffix_logits = after[list(suffix_logit_ids)].tolist()
+            samples.append(Completion(toks, lps, finish, suffix_logits))
         out.append(samples)
     return out
 
@@ -170,10 +170,10 @@ def prefill(engine: Engine, prompts, rows, start):
     return engine.head_logits(h[torch.arange(len(prompts), device=dev), lens - 1])  # [R, V]
 
 
-def decode_one(engine: Engine, tok, pos, static=False, layout=None):
+def decode_one(engine: Engine, token_ids, pos, static=False, layout=None):
     """One decode step of every cache row: token ids [B] at positions [B] -> float32 logits [B, V]
     (layout: a DecodeLayout, else each token's cache slot is its position; static: Engine.hidden)."""
-    h = engine.hidden(tok[:, None], pos=pos[:, None], static=static, layout=layout)  # [B, 1, H]
+    h = engine.hidden(token_ids[:, None], pos=pos[:, None], static=static, layout=layout)  # [B, 1, H]
     return engine.head_logits(h[:, 0])
 
 
@@ -192,23 +192,23 @@ class GraphedDecode:
     def fits(self, engine: Engine):
         return self.cache is engine.layers[0].cache.k
 
-    def __call__(self, engine, tok, pos, layout=None):
+    def __call__(self, engine, token_ids, pos, layout=None):
         if self.graph is None:
-            self.tok, self.pos = tok.clone(), pos.clone()
+            self.token_ids, self.pos = token_ids.clone(), pos.clone()
             if layout is not None:  # the static step reads each row's prompt from its own row
                 self.layout = DecodeLayout(layout.prompt_len.clone(), layout.gen_start)
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # the real step: writes this step's keys and values
-                out = decode_one(engine, self.tok, self.pos, static=True, layout=self.layout)
+                out = decode_one(engine, self.token_ids, self.pos, static=True, layout=self.layout)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # recorded, not run
-                self.logits = decode_one(engine, self.tok, self.pos, static=True, layout=self.layout)
+                self.logits = decode_one(engine, self.token_ids, self.pos, static=True, layout=self.layout)
             return out
         assert (layout is None) == (self.layout is None), "a graph replays the layout (or none) it captured"
         assert layout is None or layout.gen_start == self.layout.gen_start, "gen_start is captured"
-        self.tok.copy_(tok)
+        self.token_ids.copy_(token_ids)
         self.pos.copy_(pos)
         if layout is not None:
             self.layout.prompt_len.copy_(layout.prompt_len)
@@ -237,7 +237,7 @@ def _layout(prompts, held, gen_start, shared, dev, grouped=True):
 
 @torch.no_grad()
 def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(),
-             seed=0, prompt_batch=8, progress=True, then=(), then_ids=()):
+             seed=0, prompt_batch=8, progress=True, suffix=(), suffix_logit_ids=()):
     """Sample `n` completions for each prompt.
 
     Args:
@@ -247,9 +247,9 @@ def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top
             prompt draws from its own generator keyed by (prompt seed, j), so results do not depend
             on `prompt_batch` or on which prompts share a batch (up to float tolerance).
         prompt_batch: prompts per batch; the batch has prompt_batch * n cache rows.
-        then: token ids fed after each sample ends (its stop token left out), in the same decode
-            steps; Completion.then_logits holds the logits of `then_ids` after them (what a forward
-            of prompt + sample + then gives: the judge's forced verdict without recomputing the
+        suffix: token ids fed after each sample ends (its stop token left out), in the same decode
+            steps; Completion.suffix_logits holds the logits of `suffix_logit_ids` after them (what a forward
+            of prompt + sample + suffix gives: the judge's forced verdict without recomputing the
             prompt).
     Returns:
         one list of `n` Completion per prompt. Log-probs are those of the model's own distribution,
@@ -266,10 +266,10 @@ def generate(model: Llama, prompts, *, n=1, max_new_tokens, temperature=1.0, top
     """
     if not prompts:
         return []
-    seeds = _check_args(model, prompts, seed, max_new_tokens, then)
+    seeds = _check_args(model, prompts, seed, max_new_tokens, suffix)
     bar = tqdm(total=len(prompts) * n, desc="sampling", unit="seq", disable=not progress, leave=False)
     res = _run(model, prompts, seeds, n, max_new_tokens, temperature, top_p, set(stop_ids), prompt_batch, bar,
-               list(then), list(then_ids))
+               list(suffix), list(suffix_logit_ids))
     bar.close()
     return res
 
@@ -281,7 +281,7 @@ class _Rows:
     held: list            # prompt whose cache slots [0, len) each row holds
     toks: list            # sampled ids of each row's sample
     lps: list             # their log-probs
-    feed: list            # tokens still to feed after a finished sample (generate's then), else None
+    feed: list            # tokens still to feed after a finished sample (generate's suffix), else None
     logits: torch.Tensor  # [B, V] float32 next-token logits
     pos: torch.Tensor     # [B] next position (RoPE; its cache slot: DecodeLayout)
     U: torch.Tensor       # [B, max_new] each row's uniforms, one per step
@@ -294,11 +294,12 @@ class _Rows:
         self.logits, self.pos, self.U = self.logits[t], self.pos[t], self.U[t]
 
 
-def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_batch, bar, then, then_ids):
+def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_batch, bar, suffix,
+         suffix_logit_ids):
     dev = model.lm_head.weight.device
     work = [(i, j) for i in range(len(prompts)) for j in range(n)]          # in order
     B, G = min(prompt_batch * n, len(work)), max(len(p) for p in prompts)  # sampled tokens from slot G on
-    engine = Engine(model, B, G + max_new + len(then))
+    engine = Engine(model, B, G + max_new + len(suffix))
     L = _shared_prefix(prompts, n)
     if L:  # The shared prefix once into row 0, then copied to every row (no prefill overwrites it).
         prefill(engine, [prompts[0][:L]], torch.zeros(1, dtype=torch.long, device=dev), 0)
@@ -316,11 +317,13 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
         # Free rows take pending work; then every live row picks its next token.
         admitted = _admit(engine, prompts, seeds, work, admitted, rows, plog, L)
         step = torch.tensor([min(len(t), max_new - 1) if t is not None else 0 for t in rows.toks], device=dev)
-        tok = pick_next(rows.logits, temperature, top_p, rows.U.gather(1, step[:, None]).squeeze(1))  # [B]
-        tok_lp = torch.log_softmax(rows.logits, -1).gather(1, tok[:, None]).squeeze(1)  # [B] at temperature 1
+        uniforms = rows.U.gather(1, step[:, None]).squeeze(1)                                   # [B]
+        token_ids = pick_next(rows.logits, temperature, top_p, uniforms)                        # [B]
+        # The log-prob a trainer recomputes: temperature 1, no nucleus cut.
+        token_logprobs = torch.log_softmax(rows.logits, -1).gather(1, token_ids[:, None]).squeeze(1)  # [B]
         # Each live row keeps its token, or feeds the next suffix token, or ends its sample.
         fed = {}                 # row -> the token it feeds instead of the one picked
-        for b, (t, lp) in enumerate(zip(tok.tolist(), tok_lp.tolist())):
+        for b, (t, lp) in enumerate(zip(token_ids.tolist(), token_logprobs.tolist())):
             if rows.unit[b] is None:
                 continue
             if rows.feed[b] is None:  # sampling
@@ -328,20 +331,20 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
                 rows.lps[b].append(lp)
                 if t not in stop and len(rows.toks[b]) < max_new:
                     continue
-                if then:
-                    rows.feed[b] = ([] if t in stop else [t]) + then  # a stop token is not fed
+                if suffix:
+                    rows.feed[b] = ([] if t in stop else [t]) + suffix  # a stop token is not fed
             if rows.feed[b]:          # feeding the suffix: the logits after it come next step
                 fed[b] = rows.feed[b].pop(0)
                 continue
             i, j = rows.unit[b]
             res[i][j] = Completion(rows.toks[b], rows.lps[b],
                                    "stop" if rows.toks[b][-1] in stop else "length",
-                                   rows.logits[b, then_ids].tolist() if then else None)  # after the suffix
+                                   rows.logits[b, suffix_logit_ids].tolist() if suffix else None)
             rows.unit[b], rows.feed[b] = None, None
             rows.pos[b] = len(prompts[i])  # a free row decodes junk into its first sampled slot
             bar.update(1)
         if fed:
-            tok[list(fed)] = torch.tensor(list(fed.values()), device=dev)
+            token_ids[list(fed)] = torch.tensor(list(fed.values()), device=dev)
         # With nothing pending, free rows are dropped once half the rows are free.
         live = [b for b, u in enumerate(rows.unit) if u is not None]
         if admitted == len(work) and len(live) < len(rows.unit):
@@ -349,7 +352,7 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
                 break
             if 2 * len(live) <= len(rows.unit):  # each drop copies the whole cache
                 engine.select_cache_rows(torch.tensor(live, device=dev))
-                tok = tok[torch.tensor(live, device=dev)]
+                token_ids = token_ids[torch.tensor(live, device=dev)]
                 rows.keep(live)
         # One decode step of every row (a free row decodes junk that nothing reads).
         if graphed is not None and not graphed.fits(engine):
@@ -358,7 +361,7 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
             held = list(rows.held)
             lay = _layout(prompts, held, G, L, dev, grouped=graphed is None)  # a graphed step has no groups
         step_fn = graphed or decode_one
-        rows.logits = step_fn(engine, tok, rows.pos, layout=lay)
+        rows.logits = step_fn(engine, token_ids, rows.pos, layout=lay)
         rows.pos = rows.pos + torch.tensor([u is not None for u in rows.unit], device=dev)  # free rows stay
     return res
 

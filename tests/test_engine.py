@@ -11,10 +11,10 @@ def _same(fast, ref):
         for c, d in zip(o, r):
             assert c.tokens == d.tokens and c.finish == d.finish
             assert torch.allclose(torch.tensor(c.logprobs), torch.tensor(d.logprobs), atol=1e-5, rtol=0)
-            assert (c.then_logits is None) == (d.then_logits is None)
-            if c.then_logits is not None:
-                want = torch.tensor(d.then_logits)
-                assert torch.allclose(torch.tensor(c.then_logits), want, atol=1e-5, rtol=0)
+            assert (c.suffix_logits is None) == (d.suffix_logits is None)
+            if c.suffix_logits is not None:
+                want = torch.tensor(d.suffix_logits)
+                assert torch.allclose(torch.tensor(c.suffix_logits), want, atol=1e-5, rtol=0)
 
 
 def test_generate_equals_the_reference_loop():
@@ -25,7 +25,8 @@ def test_generate_equals_the_reference_loop():
     greedy = dict(max_new_tokens=6, temperature=0)
     assert generate(m, ps, progress=False, **greedy)[0][0].finish == "length"
     _same(generate(m, ps, progress=False, **greedy), reference_generate(m, ps, **greedy))
-    sampled = dict(n=3, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7, then=[7, 8], then_ids=[3, 4])
+    sampled = dict(n=3, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=7, suffix=[7, 8],
+                   suffix_logit_ids=[3, 4])
     sampled["stop_ids"] = [c.tokens[2] for c in reference_generate(m, ps[:1], **sampled)[0]][:2]
     ref = reference_generate(m, ps, **sampled)
     assert {c.finish for o in ref for c in o} == {"stop", "length"}
@@ -39,6 +40,7 @@ def test_one_row_generate_equals_the_reference_loop():
     m = tiny_model(seed=8)
     g = torch.Generator().manual_seed(2)
     ps = [torch.randint(3, 300, (13,), generator=g).tolist()]
-    for kw in (dict(temperature=0), dict(temperature=1.0, top_p=0.9, seed=3, then=[7, 8], then_ids=[3, 4])):
+    for kw in (dict(temperature=0),
+               dict(temperature=1.0, top_p=0.9, seed=3, suffix=[7, 8], suffix_logit_ids=[3, 4])):
         _same(generate(m, ps, max_new_tokens=9, progress=False, **kw),
               reference_generate(m, ps, max_new_tokens=9, **kw))

@@ -199,14 +199,14 @@ def test_rows_grouped_by_prompt_same_as_each_row_alone(monkeypatch):
     sampled tokens in slots after the longest prompt: log-probs equal a no-cache forward of
     prompt + sample (1e-5), and tokens and log-probs equal the step without groups, with ragged
     prompts (shared prefix and not), stops, rows refilled from other prompts, and free rows kept
-    while fewer than half are free, a suffix fed after each sample (then_logits against the
+    while fewer than half are free, a suffix fed after each sample (suffix_logits against the
     no-cache forward); the static step (CUDA graphs) with the layout samples the same."""
     m = tiny_model(seed=14)
     for head in ([], list(range(30, 50))):              # no shared prefix; a 20-token one
         ps = [head + p for p in prompts()]
         kw = dict(n=3, max_new_tokens=7, temperature=1.0, top_p=0.95, seed=2, prompt_batch=2, progress=False)
         kw["stop_ids"] = [c.tokens[2] for o in generate(m, ps, **kw) for c in o][:3]
-        kw.update(then=[7, 8], then_ids=[3, 4])  # a suffix fed after each sample, as the judge's verdict
+        kw.update(suffix=[7, 8], suffix_logit_ids=[3, 4])  # fed after each sample, as the judge's verdict
         layouts = []
         orig = sample._layout
         monkeypatch.setattr(sample, "_layout", lambda *a, **k: layouts.append(orig(*a, **k)) or layouts[-1])
@@ -236,31 +236,31 @@ def test_rows_grouped_by_prompt_same_as_each_row_alone(monkeypatch):
                     lp = torch.log_softmax(m(torch.tensor([p + c.tokens]))[0], -1)
                 want = torch.tensor([float(lp[len(p) - 1 + t, x]) for t, x in enumerate(c.tokens)])
                 assert torch.allclose(torch.tensor(c.logprobs), want, atol=1e-5, rtol=0)
-                seq = p + [t for t in c.tokens if t not in kw["stop_ids"]] + kw["then"]
+                seq = p + [t for t in c.tokens if t not in kw["stop_ids"]] + kw["suffix"]
                 with torch.no_grad():
-                    after = m(torch.tensor([seq]))[0, -1, kw["then_ids"]]
-                assert torch.allclose(torch.tensor(c.then_logits), after, atol=1e-5, rtol=0)
+                    after = m(torch.tensor([seq]))[0, -1, kw["suffix_logit_ids"]]
+                assert torch.allclose(torch.tensor(c.suffix_logits), after, atol=1e-5, rtol=0)
 
 
-def test_then_suffix_logits_equal_a_full_forward():
-    """generate(then=...) feeds the suffix after each sample (its stop token left out) in the decode
-    steps: the samples are unchanged, and then_logits equal a no-cache forward of prompt + sample +
+def test_suffix_logits_equal_a_full_forward():
+    """generate(suffix=...) feeds the suffix after each sample (its stop token left out) in the decode
+    steps: the samples are unchanged, and suffix_logits equal a no-cache forward of prompt + sample +
     suffix (1e-5), with stops, lengths, a shared prefix (cascade) and continuous batching (2 rows
     for 8 samples)."""
     m = tiny_model(seed=13)
-    ps, then, ids = [list(range(30, 48)) + p for p in prompts()], [7, 8, 9], [3, 4, 200]  # 18 shared tokens
+    ps, suffix, ids = [list(range(30, 48)) + p for p in prompts()], [7, 8, 9], [3, 4, 200]  # 18 shared tokens
     kw = dict(n=2, max_new_tokens=6, temperature=1.0, seed=4, prompt_batch=1, progress=False)
     kw["stop_ids"] = [c.tokens[1] for o in generate(m, ps, **kw) for c in o][:3]
     plain = generate(m, ps, **kw)
-    out = generate(m, ps, then=then, then_ids=ids, **kw)
+    out = generate(m, ps, suffix=suffix, suffix_logit_ids=ids, **kw)
     assert {c.finish for o in out for c in o} == {"stop", "length"}
     for p, o, q in zip(ps, out, plain):
         for c, d in zip(o, q):
-            assert c.tokens == d.tokens and c.finish == d.finish and d.then_logits is None
-            seq = p + [t for t in c.tokens if t not in kw["stop_ids"]] + then
+            assert c.tokens == d.tokens and c.finish == d.finish and d.suffix_logits is None
+            seq = p + [t for t in c.tokens if t not in kw["stop_ids"]] + suffix
             with torch.no_grad():
                 want = m(torch.tensor([seq]))[0, -1, ids]
-            assert torch.allclose(torch.tensor(c.then_logits), want, atol=1e-5, rtol=0)
+            assert torch.allclose(torch.tensor(c.suffix_logits), want, atol=1e-5, rtol=0)
 
 
 def test_continuous_batching_refills_rows_and_keeps_results(monkeypatch):

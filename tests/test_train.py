@@ -55,7 +55,7 @@ def test_sft_step_equals_naive_cross_entropy():
         tgt = ids[0, len(e.prompt):]
         tot += F.cross_entropy(lg[len(e.prompt) - 1:-1], tgt, reduction="sum")
         n += len(tgt)
-    assert torch.allclose(s, tot, rtol=1e-5) and n == sum(e.n for e in ex)
+    assert torch.allclose(s, tot, rtol=1e-5) and n == sum(e.loss_terms for e in ex)
 
 
 def test_bt_reward_same_with_left_or_right_padding():

@@ -183,7 +183,7 @@ def test_sft_loss_is_the_token_mean_over_the_optimizer_step(tmp_path):
     ex = [Example(p, c) for p, c in rows]
     with torch.no_grad():  # the training path: one micro-batch's loss sum, divided by the step's count
         loss_sum, _ = step_sft(Llama.from_pretrained(tmp_path / "m").eval(), ex, EOS)
-    ours = loss_sum.item() / sum(e.n for e in ex)
+    ours = loss_sum.item() / sum(e.loss_terms for e in ex)
     assert sum(loss for loss, _, _ in seen) == pytest.approx(ours, rel=1e-5)
     per_micro_batch = sum(loss * total / n for loss, total, n in seen) / 2
     assert abs(per_micro_batch - ours) > 0.05  # a mean of per-micro-batch means is another number
