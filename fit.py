@@ -123,7 +123,7 @@ def save_model(model, path, tok=None):
 
 def accumulate_gradients(model, group, step_fn, pad_id, autocast=None):
     """Backward over the micro-batches `group` of one optimizer step: the one place where an
-    objective becomes a mean. Every example carries its loss count `n` (loss tokens, or 1 per
+    objective becomes a mean. Every example carries its loss count `loss_terms` (loss tokens, or 1 per
     pair or verdict), every step_fn returns its micro-batch's loss *sum*, and each sum is divided
     by the whole step's count: the step's loss is the mean over all its tokens / pairs, whatever
     batch_size, grad_accum and the number of ranks are. Under torchrun each rank takes every
@@ -152,6 +152,8 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % dist.world():
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {dist.world()} ranks")
+    # The micro-batches of the whole run are fixed up front (seeded), so a resumed run continues
+    # with exactly the batches the killed one would have seen.
     mbs = micro_batches(len(examples), cfg)
     total = math.ceil(len(mbs) / cfg.grad_accum)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -159,6 +161,8 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
     warmup_steps = max(1, round(cfg.warmup * total))
     schedule = partial(warmup_cosine, total=total, warmup_steps=warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    # Resume: the newest checkpoint that loads restores the weights, the optimizer, the schedule, the
+    # RNG and the metrics written up to it; a torn or unreadable one is skipped with a message.
     start = 0
     latest = out_dir / "latest"
     metrics_f = out_dir / "metrics.jsonl"
@@ -183,11 +187,13 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
         # Gradients of the step's mean loss over its grad_accum micro-batches, then one clipped update.
         group = [[examples[i] for i in b] for b in mbs[step * cfg.grad_accum:(step + 1) * cfg.grad_accum]]
         loss, acc = accumulate_gradients(model, group, step_fn, pad_id, autocast)
+        # A non-finite loss stops the run before the update could spoil the weights.
         if not math.isfinite(loss):
             good = out_dir / latest.read_text().strip() if latest.exists() else "none"
             raise FloatingPointError(f"non-finite loss {loss} at step {step}; last good checkpoint: {good}")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # DTensor under FSDP
+        # One update, then the learning rate of the next step.
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -197,6 +203,7 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
             row["acc"] = acc
         history.append(row)
         bar.set_postfix(loss=f"{loss:.4f}", **({"acc": f"{row['acc']:.2f}"} if "acc" in row else {}))
+        # A checkpoint every save_every steps; the last one is written after the loop.
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < end:
             if dist.rank() == 0:
                 write_jsonl(metrics_f, history)

@@ -206,11 +206,15 @@ def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temper
     pair index in this call; or a list), so batch size does not change results."""
     seeds = [seed + i for i in range(len(pairs))] if isinstance(seed, int) else list(seed)
     prompts = [tok.apply_chat(judge_messages(p, o, prompt_kind)) for p, o in zip(pairs, a_is_chosen)]
+    # With forcing, the sampler feeds the verdict prefix after every rationale in the same decode
+    # steps and keeps the logits of the letters A and B there, so a missing verdict costs no
+    # second forward of the prompt.
     suffix = (dict(suffix=tok.encode(VERDICT_PREFIX), suffix_logit_ids=[tok.token_id("A"), tok.token_id("B")])
               if force else {})
     outs = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                     stop_ids=tok.stop_ids, seed=seeds, prompt_batch=prompt_batch, progress=progress, **suffix)
     res = [[{"completion": tok.decode(c.tokens), "ab": c.suffix_logits} for c in o] for o in outs]
+    # Read each rationale's written verdict; those without one are forced from the A/B logits.
     todo = []
     for i, r in enumerate(res):
         for j, s in enumerate(r):
@@ -259,12 +263,15 @@ def sample_rationales(model, tok, pairs, *, n, max_new_tokens, seed, temperature
     position the model is biased against), n rationales per (pair, order) from the CoT judge
     prompt (Fig. 6); a missing verdict is forced by sampling the indicator token at
     `verdict_temperature`. Returns sample rows (schema in the module docstring)."""
+    # Which answer is shown as A is a seeded coin per pair, so the label is A about half the time.
     orders = seeded_orders(pairs, seed)
     if both_orders:
         pairs, orders = [p for p in pairs for _ in (0, 1)], [x for o in orders for x in (o, not o)]
     res = cot_judge_sharded(model, tok, pairs, orders, n=n, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_p=top_p, seed=seed, force=force, progress=progress,
                             verdict_temperature=verdict_temperature, prompt_batch=prompt_batch)
+    # One row per rationale, with the prompt it answered, so the filter and a resumed run need
+    # nothing but this file.
     rows = []
     for p, o, r in zip(pairs, orders, res):
         msgs = judge_messages(p, o, "cot")
@@ -298,12 +305,14 @@ def star_dpo_pairs(samples, *, pairs_per_prompt=1, seed=0):
     """STaR-DPO pairing (Eq. 9): for each judge prompt, up to `pairs_per_prompt` (correct,
     incorrect) rationale pairs, each rationale used at most once, chosen by a seeded shuffle.
     Samples with no verdict are neither correct nor incorrect and are not used."""
+    # Group the rationales of each judge prompt into right and wrong ones.
     groups = {}
     for r in samples:
         if r["verdict"] is None:
             continue
         key = (r["id"], r["label"], r["messages"][-1]["content"])
         groups.setdefault(key, ([], []))[r["verdict"] != r["label"]].append(r)
+    # Pair them off at random within the prompt: a right rationale is chosen, a wrong one rejected.
     rng = random.Random(seed)
     out = []
     for (pid, _, _), (good, bad) in groups.items():

@@ -80,6 +80,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta, 
     h = dpo_margin(policy_chosen.float(), policy_rejected.float(), ref_chosen.float(), ref_rejected.float())
     return dpo_loss_and_grad(h, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)[0]
 
+
 def _dpo_pair_loss(ref, beta, label_smoothing, loss_type, nll_weight, chosen_len, pairs, policy):
     """fused_pair_loss's pair_loss for DPO: the pairs' losses and d loss / d policy [p, 2]. With
     nll_weight alpha (RPO, Pang et al. 2024), each pair also pays alpha times its chosen answer's

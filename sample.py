@@ -148,9 +148,8 @@ def _shared_prefix(prompts, n):
     if len(prompts) * n < 2:
         return 0
     L = min(len(p) for p in prompts) - 1
-    first = prompts[0]
     for p in prompts[1:]:
-        L = next((t for t in range(L) if p[t] != first[t]), L)
+        L = next((t for t in range(L) if p[t] != prompts[0][t]), L)
     return L if L >= _MIN_SHARED_PREFIX else 0
 
 
@@ -294,8 +293,7 @@ class _Rows:
         self.logits, self.pos, self.U = self.logits[t], self.pos[t], self.U[t]
 
 
-def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_batch, bar, suffix,
-         suffix_logit_ids):
+def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_batch, bar, suffix, logit_ids):
     dev = model.lm_head.weight.device
     work = [(i, j) for i in range(len(prompts)) for j in range(n)]          # in order
     B, G = min(prompt_batch * n, len(work)), max(len(p) for p in prompts)  # sampled tokens from slot G on
@@ -317,8 +315,7 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
         # Free rows take pending work; then every live row picks its next token.
         admitted = _admit(engine, prompts, seeds, work, admitted, rows, plog, L)
         step = torch.tensor([min(len(t), max_new - 1) if t is not None else 0 for t in rows.toks], device=dev)
-        uniforms = rows.U.gather(1, step[:, None]).squeeze(1)                                   # [B]
-        token_ids = pick_next(rows.logits, temperature, top_p, uniforms)                        # [B]
+        token_ids = pick_next(rows.logits, temperature, top_p, rows.U.gather(1, step[:, None])[:, 0])  # [B]
         # The log-prob a trainer recomputes: temperature 1, no nucleus cut.
         token_logprobs = torch.log_softmax(rows.logits, -1).gather(1, token_ids[:, None]).squeeze(1)  # [B]
         # Each live row keeps its token, or feeds the next suffix token, or ends its sample.
@@ -339,7 +336,7 @@ def _run(model, prompts, seeds, n, max_new, temperature, top_p, stop, prompt_bat
             i, j = rows.unit[b]
             res[i][j] = Completion(rows.toks[b], rows.lps[b],
                                    "stop" if rows.toks[b][-1] in stop else "length",
-                                   rows.logits[b, suffix_logit_ids].tolist() if suffix else None)
+                                   rows.logits[b, logit_ids].tolist() if suffix else None)
             rows.unit[b], rows.feed[b] = None, None
             rows.pos[b] = len(prompts[i])  # a free row decodes junk into its first sampled slot
             bar.update(1)
