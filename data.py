@@ -33,6 +33,7 @@ class Tokenizer:
 
     def __init__(self, tok: HFTokenizer, source: str):
         self.tok, self.source = tok, source
+        # The template is read off the vocabulary: each family's header tokens exist only in its own.
         vocab = tok.get_vocab(with_added_tokens=True)
         if "<|start_header_id|>" in vocab:
             self.template = "llama3"
@@ -46,6 +47,7 @@ class Tokenizer:
             self.stop_ids = (self.eot_id,) + ((vocab["<|endoftext|>"],) if "<|endoftext|>" in vocab else ())
         else:
             raise ValueError(f"{source}: unknown chat template (no Llama-3 header or ChatML tokens)")
+        # Padding is always masked, so any id will do; end-of-turn exists in every template.
         self.pad_id = self.eot_id
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
@@ -143,6 +145,7 @@ def load_pairs(path, *, limit=None, seed=0, stats: LoadStats | None = None) -> l
         for k in ("prompt", "chosen", "rejected"):
             if not isinstance(obj[k], str):
                 raise ValueError(f"{path}:{n}: field '{k}' must be a string, got {type(obj[k]).__name__}")
+        # A pair with an empty or repeated answer carries no preference: skipped, and counted.
         if not obj["chosen"].strip() or not obj["rejected"].strip():
             stats.skip("empty answer")
             continue
@@ -153,6 +156,7 @@ def load_pairs(path, *, limit=None, seed=0, stats: LoadStats | None = None) -> l
         out.append(Pair(id=str(obj.get("id", f"{Path(path).name}:{n}")), prompt=obj["prompt"],
                         chosen=obj["chosen"], rejected=obj["rejected"], category=str(obj.get("category", "")),
                         messages=msgs, meta=obj.get("meta") or {}))
+    # The subset is drawn after the skips, so --limit N gives N usable pairs when the file has them.
     out = seeded_subset(out, limit, seed)
     stats.kept = len(out)
     return out
@@ -253,11 +257,14 @@ def packed_pair_batch(triples, pad_id, device="cpu") -> PackedPairs:
         P, C, R = len(p), len(c), len(r)
         if not (P and C and R):
             raise ValueError(f"pair {i}: empty prompt, chosen or rejected ids")
+        # Tokens and positions: the rejected answer restarts at position P, right after the prompt.
         idx[i, :P + C + R] = torch.tensor(p + c + r, dtype=torch.long)
         pos[i, :P + C + R] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+        # Attention: prompt + chosen causally; the rejected answer sees the prompt, never the chosen.
         mask[i, :P + C, :P + C] = causal[:P + C, :P + C]
         mask[i, P + C:P + C + R, :P] = True                                    # rejected sees the prompt
         mask[i, P + C:P + C + R, P + C:P + C + R] = causal[:R, :R]            # and itself, causally
+        # Loss rows: the position that predicts each completion token, as a flat index into [B * T].
         o = i * T
         src += [o + P - 1 + j for j in range(C)]                               # chosen j from P-1+j
         src += [o + (P - 1 if j == 0 else P + C + j - 1) for j in range(R)]    # rejected 0 from P-1

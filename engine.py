@@ -139,6 +139,7 @@ def packed_weights(model: Llama, rows: int):
     """Each block's ([q; k; v], o, [gate; up], down) weights and the lm_head's, fused and packed
     by pack_weight for matmuls of about `rows` rows; cached per model on CPU (see _PACKED)."""
     key = (rows, tuple((p.data_ptr(), p._version) for p in model.parameters()))
+    # Same tensors at the same versions: nothing was trained since the copies were made.
     hit = _PACKED.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -178,6 +179,7 @@ class Engine:
         self.model, self.length, self.shared = model, max_len, 0
         cfg, w = model.config, model.lm_head.weight
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        # RoPE of every slot once per call; each step only indexes these tables by position.
         pos = torch.arange(max_len, device=w.device)
         self.rope_cos, self.rope_sin = rope_cos_sin(model.inv_freq, pos)            # [S, hd] each, float32
         blocks, self.w_head = packed_weights(model, batch)
@@ -251,6 +253,7 @@ class Engine:
         B, T, _ = x.shape
         nh, nkv, hd = self.nh, self.nkv, self.hd
         qkv = packed_linear(x, layer.wqkv).view(B, T, nh + 2 * nkv, hd).transpose(1, 2)  # [B, nh+2nkv, T, hd]
+        # q and k are contiguous in the fused projection, so one RoPE call rotates both.
         qk = apply_rope(qkv[:, :nh + nkv], cos, sin)
         q, v = qk[:, :nh], qkv[:, nh + nkv:]                                # [B, nh, T, hd], [B, nkv, T, hd]
         k, v = layer.cache.update(where, qk[:, nh:], v, rows, mask.shape[-1])  # [B, nkv, S', hd]

@@ -12,7 +12,6 @@ picks with the Eq. 6 reward.
 """
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ import dist
 import genrm
 import stats
 from cli import HelpFormatter, number
-from data import LoadStats, load_pairs, load_tokenizer, pair_examples
-from files import read_jsonl, write_json, write_jsonl, write_text
+from data import LoadStats, load_pairs, load_tokenizer, pair_examples, seeded_subset
+from files import read_jsonl, require, write_json, write_jsonl, write_text
 from gguf import DEFAULT_MODEL
 from kernels import pair_rewards
 from model import Llama, check_pretrained
@@ -46,6 +45,7 @@ def judge_pairs(model, tok, pairs, judge, *, samples=1, both_orders=True, max_ne
         raise ValueError(f"some pairs are longer than the model's {model.config.max_position_embeddings} "
                          "positions: drop them with eval.fitting_pairs first")
     recs = [{"id": p.id, "category": p.category, "order": {}} for p in pairs]
+    # A reward model scores each answer on its own, so the order of the two never enters.
     if judge == "bt":
         ex = pair_examples(tok, pairs, 10 ** 9, LoadStats())
 
@@ -132,6 +132,7 @@ def judge_change(before, after, log=print):
     if a["id"] != b["id"]:  # cannot happen with one tokenizer; say so rather than pair the wrong ones
         log("[after - before] not paired: the evaluated pairs differ")
         return None
+    # A pair without a verdict in either run has no difference; it is left out of both sides.
     keep = [i for i, (x, y) in enumerate(zip(a["maj@N"], b["maj@N"])) if x is not None and y is not None]
     d = stats.paired_bootstrap([[a["maj@N"][i] for i in keep]], [[b["maj@N"][i] for i in keep]], seed=0)
     log(f"[after - before] {d['diff']:+.3f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] (paired bootstrap over "
@@ -143,18 +144,16 @@ def judge_change(before, after, log=print):
 # Best-of-N
 
 def load_candidates(path, limit=None, seed=0):
+    """Best-of-N prompts, each with its candidates and the reference answer they are judged
+    against; `limit`: a seeded random subset, as data.load_pairs."""
     rows = []
     for n, r in read_jsonl(path):
-        for k in ("prompt", "candidates", "reference_output"):
-            if k not in r:
-                raise ValueError(f"{path}:{n}: missing field '{k}'")
+        require(r, ("prompt", "candidates", "reference_output"), f"{path}:{n}")
         for i, c in enumerate(r["candidates"]):
             if "output" not in c or "judge_pref" not in c:
                 raise ValueError(f"{path}:{n}: candidates[{i}] needs 'output' and 'judge_pref'")
         rows.append(r)
-    if limit is not None and limit < len(rows):
-        rows = [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
-    return rows
+    return seeded_subset(rows, limit, seed)
 
 
 def best_of_n_picks(scores):
@@ -164,6 +163,7 @@ def best_of_n_picks(scores):
 
 def best_of_n_report(rows, picks, seed=0) -> dict:
     """Mean stored score of the picks beside a uniformly random pick (its expectation) and the oracle."""
+    # judge_pref is the stored score of each candidate (by a stronger judge), the ground truth here.
     sc = [[c["judge_pref"] for c in r["candidates"]] for r in rows]
     return {"n": len(rows), "picked": sum(s[i] for s, i in zip(sc, picks)) / len(rows),
             "random": sum(sum(s) / len(s) for s in sc) / len(rows),
@@ -269,6 +269,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if not a.data and not a.best_of_n:
         ap.error("give --data FILE... and/or --best-of-n FILE")
+    # Every input is read and checked first, so a bad file fails before any run directory exists.
     tok, data, cands = _read_inputs(a)
     dist.init()  # under torchrun, judgements are spread over the ranks; rank 0 writes
     out = Path(a.out or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -296,6 +297,7 @@ def main(argv=None):
     if a.best_of_n:
         scores = best_of_n(model, tok, cands, batch_size=a.batch_size, progress=not a.no_progress)
         results["best_of_n"] = best_of_n_report(cands, best_of_n_picks(scores))
+    # The results are written once, after every file is judged: a results.json means a finished run.
     summary = {"args": vars(a), "seconds": time.time() - t0, "results": results}
     md = markdown({k: v for k, v in results.items() if k != "best_of_n"})
     if "best_of_n" in results:

@@ -61,12 +61,14 @@ def save_checkpoint(out_dir, model, opt, sched, step):
     if dist.rank() == 0:
         d = Path(out_dir) / f"ckpt-{step:06d}"
         tmp = Path(out_dir) / f".ckpt-{step:06d}.tmp"
+        # Written whole under a temporary name, then renamed: a reader never sees half a checkpoint.
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=sd)
         torch.save({"opt": ost, "sched": sched.state_dict(), "step": step, "rng": torch.get_rng_state()},
                    tmp / "state.pt")
         shutil.rmtree(d, ignore_errors=True)
         os.replace(tmp, d)
+        # The pointer moves only once the checkpoint it names is complete.
         write_text(Path(out_dir) / "latest", d.name)
         for old in sorted(Path(out_dir).glob("ckpt-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
@@ -80,6 +82,7 @@ def _loadable_checkpoint(out_dir, log):
     out_dir = Path(out_dir)
     cands = sorted(out_dir.glob("ckpt-*"), reverse=True)                    # newest first
     latest = out_dir / "latest"
+    # The checkpoint `latest` names is tried first; the others follow, newest first.
     if latest.exists():
         name = latest.read_text(errors="replace").strip()
         if name.startswith("ckpt-") and out_dir / name in cands:
@@ -87,6 +90,7 @@ def _loadable_checkpoint(out_dir, log):
             cands.insert(0, out_dir / name)
         else:
             log(f"skipped {latest}: it names no checkpoint ({name[:40]!r}); trying the newest ckpt-*")
+    # The first one whose every file loads is the one resumed from.
     for ck in cands:
         try:
             state = torch.load(ck / "state.pt", weights_only=False)
@@ -156,6 +160,7 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
     # with exactly the batches the killed one would have seen.
     mbs = micro_batches(len(examples), cfg)
     total = math.ceil(len(mbs) / cfg.grad_accum)
+    # AdamW over the trainable parameters, its learning rate following warmup then cosine per step.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup_steps = max(1, round(cfg.warmup * total))

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 import dist
-from data import Example, Pair, Tokenizer, drop_over_long, pad
-from files import read_jsonl
+from data import Example, Pair, Tokenizer, drop_over_long, pad, seeded_subset
+from files import read_jsonl, require
 from sample import generate
 
 # --- Appendix A prompts, word for word. The paper's text rendering loses line breaks; the layout
@@ -328,10 +328,8 @@ def random_filter(samples, k, seed):
     """The control that must not learn: k samples kept at random, whatever their verdict (as many
     as the label filter kept), so that a gain can be credited to the label, not to the amount of
     self-generated text trained on. Returns SFT rows, in sample order."""
-    keep = sorted(random.Random(seed).sample(range(len(samples)), min(k, len(samples))))
-    return [{"id": samples[i]["id"], "messages": samples[i]["messages"],
-             "completion": training_text(samples[i])}
-            for i in keep]
+    return [{"id": r["id"], "messages": r["messages"], "completion": training_text(r)}
+            for r in seeded_subset(samples, k, seed)]
 
 
 def random_dpo_pairs(samples, k, seed):
@@ -374,9 +372,7 @@ def load_rows(path, required):
     """Read an artefact JSONL, checking each row has the schema's fields (error names file:line)."""
     rows = []
     for n, r in read_jsonl(path):
-        for k in required:
-            if k not in r:
-                raise ValueError(f"{path}:{n}: missing field '{k}'")
+        require(r, required, f"{path}:{n}")
         rows.append(r)
     return rows
 

@@ -104,6 +104,7 @@ class FusedLogprobs(torch.autograd.Function):
         ent = torch.zeros(N if want_entropy else 0, dtype=acc, device=hidden.device)
         buf = torch.empty(min(chunk, N), w.shape[0], dtype=acc, device=hidden.device)  # reused
         for s in range(0, N, chunk):
+            # Of each chunk's logits only two numbers per row survive: the target's and the logsumexp.
             t = targets[s:s + chunk]
             h = hidden[s:s + chunk] if lo else hidden[s:s + chunk].to(acc)
             logits = _chunk_logits(h, w, temperature, buf)                         # [c, V]
@@ -118,6 +119,7 @@ class FusedLogprobs(torch.autograd.Function):
             l = m.squeeze(1) + z.log()
             out[s:s + chunk] = torch.where(t != IGNORE_INDEX, tl_ - l, 0.0)
             lse[s:s + chunk] = l
+        # Backward rebuilds the logits from these; lse turns them into the softmax without a second pass.
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.mark_non_differentiable(ent)
@@ -133,6 +135,7 @@ class FusedLogprobs(torch.autograd.Function):
         dw = torch.zeros_like(w, dtype=acc) if ctx.needs_input_grad[1] else None
         buf = torch.empty(min(chunk, hidden.shape[0]), w.shape[0], dtype=acc, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
+            # The upstream gradient is known now, so each chunk's recomputed logits become dlogits.
             h = hidden[s:s + chunk] if lo else hidden[s:s + chunk].to(acc)
             t = targets[s:s + chunk]
             gt = (torch.where(t != IGNORE_INDEX, g[s:s + chunk], 0.0) / T)[:, None]  # [c, 1]
@@ -168,9 +171,11 @@ class FusedLogprobSum(torch.autograd.Function):
             tl_ = d.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
             lse = torch.logsumexp(d, -1)
             total += ((tl_ - lse) * wn).sum()
+            # The output is a weighted sum, so each row's gradient weight is its weight: known now.
             _softmax_grad_(d, lse, t, (wn / temperature)[:, None])
             dh[s:s + chunk] = _mm(d, w, acc)
             _add_grad_w_(dw, d, h)
+        # Backward only scales these by the upstream gradient (one number for a scalar output).
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -245,6 +250,7 @@ class FusedPairLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, seq, P, pair_loss, average, norm, temperature, chunk):
         acc, lo = _acc_dtype(hidden), _lowp(hidden, weight)
         w = weight if lo else weight.to(acc)
+        # Count each completion's rows and loss tokens first: an empty completion has no log-prob.
         keep = (targets != IGNORE_INDEX).to(acc)                                   # [N]
         rows = torch.bincount(seq, minlength=2 * P)                                # [2P] rows per completion
         if (rows == 0).any():
@@ -259,6 +265,7 @@ class FusedPairLoss(torch.autograd.Function):
         dh = torch.zeros_like(hidden, dtype=acc)
         dw = torch.zeros_like(w, dtype=acc)
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        # Whole pairs per chunk: a pair's loss needs both its completions' log-probs at once.
         chunks = _pair_chunks(rows.view(P, 2).sum(1).tolist(), chunk)
         buf = torch.empty(max(e - s for s, e, _, _ in chunks), w.shape[0], dtype=acc, device=hidden.device)
         for s, e, p0, p1 in chunks:

@@ -61,11 +61,13 @@ def dpo_loss_and_grad(h, *, beta, label_smoothing=0.0, loss_type="sigmoid"):
     Returns: (loss [P], dloss/dh [P]) in h's dtype."""
     eps = label_smoothing
     if loss_type == "sigmoid":
+        # The loss and its derivative share beta * h; log-sigmoid keeps both finite for any margin.
         bh = beta * h
         loss = -(1 - eps) * F.logsigmoid(bh) - eps * F.logsigmoid(-bh)          # Eq. 9 (cDPO for eps > 0)
         grad = beta * (eps * torch.sigmoid(bh) - (1 - eps) * torch.sigmoid(-bh))  # its derivative in h
         return loss, grad
     if loss_type == "ipo":
+        # IPO regresses the margin onto 1 / (2 beta) instead of pushing it without bound.
         return (h - 1 / (2 * beta)) ** 2, 2 * (h - 1 / (2 * beta))               # (h - 1/2b)^2, 2 (h - 1/2b)
     raise ValueError(f"unknown DPO loss kind {loss_type!r} (sigmoid or ipo)")
 
@@ -85,10 +87,13 @@ def _dpo_pair_loss(ref, beta, label_smoothing, loss_type, nll_weight, chosen_len
     """fused_pair_loss's pair_loss for DPO: the pairs' losses and d loss / d policy [p, 2]. With
     nll_weight alpha (RPO, Pang et al. 2024), each pair also pays alpha times its chosen answer's
     per-token NLL: loss = dpo - alpha * pi_w / |y_w| (IPO's pi_w is already a per-token mean)."""
+    # The reference log-probs are constants: only the policy's side of the margin has a gradient.
     r = ref[pairs].to(policy.dtype)                                              # [p, 2] (chosen, rejected)
     h = dpo_margin(policy[:, 0], policy[:, 1], r[:, 0], r[:, 1])                 # [p]
     loss, dh = dpo_loss_and_grad(h, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type)
     grad = torch.stack([dh, -dh], 1)                                             # dh/dpi_w = 1, dh/dpi_l = -1
+    # RPO's extra term pulls up the chosen answer's log-prob, per token, so long answers do not
+    # dominate it.
     if nll_weight:
         per_token = nll_weight / chosen_len[pairs].to(policy.dtype)              # [p] d(alpha NLL_w)/d(-pi_w)
         loss = loss - per_token * policy[:, 0]
@@ -118,10 +123,14 @@ def fused_dpo_loss(hidden, weight, targets, seq, ref_chosen, ref_rejected, *, be
         raise ValueError(f"fused_dpo_loss: ref shapes {tuple(ref_chosen.shape)}/{tuple(ref_rejected.shape)} "
                          "disagree")
     ref = torch.stack([ref_chosen, ref_rejected], 1)                             # [P, 2]
+    # The NLL term is per token, so it needs each chosen answer's length; IPO's log-probs are
+    # already per-token means, so its lengths are 1.
     if loss_type == "ipo":
         chosen_len = torch.ones(P, device=hidden.device)                         # pi_w is a mean already
     else:
         chosen_len = torch.bincount(seq, minlength=2 * P)[0::2].to(hidden.device)  # [P] tokens of each chosen
+    # The kernel sums log-probs per sequence, then asks this pair loss for the loss and its
+    # gradient in those sums, which it turns into the gradient of every token's logit.
     pair_loss = partial(_dpo_pair_loss, ref, float(beta), float(label_smoothing), loss_type,
                         float(nll_weight), chosen_len)
     return fused_pair_loss(hidden, weight, targets, seq, P, pair_loss, average=loss_type == "ipo",
@@ -137,6 +146,8 @@ def step_sft(model, batch, pad_id):
     mean is over every loss token of the optimizer step (TRL's SFT averages per micro-batch instead,
     OpenRLHF's per sequence then per batch). Fused: kernels.fused_logprob_sum never holds the
     logits."""
+    # Prompt and completion in one padded row each; the mask marks the completion tokens, the only
+    # ones that pay a loss.
     idx, valid, mask = prompt_completion_batch([(e.prompt, e.completion) for e in batch], pad_id)
     dev = model.lm_head.weight.device
     logp_sum = completion_logprob_sum(model, idx.to(dev), valid.to(dev), mask.to(dev))
@@ -149,10 +160,13 @@ def step_genrm(model, batch, pad_id):
     dev = model.lm_head.weight.device
     idx, valid = pad([e.prompt for e in batch], pad_id)
     h = model.hidden(idx.to(dev), valid=valid.to(dev))                           # [B, T, H]
+    # Only the prompt's last position predicts the verdict letter, so only its hidden state is kept.
     ends = torch.tensor([len(e.prompt) - 1 for e in batch], device=dev)         # [B] each prompt's last token
     last = h[torch.arange(len(batch), device=dev), ends]                         # [B, H]
     tgt = torch.tensor([e.completion[0] for e in batch], device=dev)             # [B] the correct letter
     oth = torch.tensor([e.other for e in batch], device=dev)                     # [B] the other one
+    # Accuracy compares the two letters' logits; the softmax over the rest of the vocabulary
+    # cannot change which is larger.
     with torch.no_grad():
         w = model.lm_head.weight
         correct = ((last * w[tgt]).sum(-1) > (last * w[oth]).sum(-1)).sum()
@@ -165,9 +179,11 @@ def step_dpo(model, batch, pad_id, *, beta, label_smoothing, loss_type, nll_weig
     kernels.fused_dpo_loss, which never holds the logits. Returns the sum of the pairs' losses and
     correct = the number of pairs with implicit reward margin h > 0."""
     key = "avg" if loss_type == "ipo" else "sum"
+    # Chosen and rejected share their prompt: the prompt is run once and both answers attend to it.
     h, pk = packed_pair_hidden(model, batch, pad_id)                             # [B * T, H]
     rc = torch.tensor([e.ref[key][0] for e in batch], device=h.device)           # [B] reference, chosen
     rr = torch.tensor([e.ref[key][1] for e in batch], device=h.device)           # [B] reference, rejected
+    # h[pk.src] picks the positions that predict a completion token, chosen and rejected alike.
     loss, pc, pr = fused_dpo_loss(h[pk.src], model.lm_head.weight, pk.tgt, pk.seq, rc, rr, beta=beta,
                                   label_smoothing=label_smoothing, loss_type=loss_type, reduction="sum",
                                   nll_weight=nll_weight)
@@ -198,6 +214,7 @@ def _reference_logps_of(ref, pad_id, batch_size, dtype, progress, examples):
     starts = range(0, len(examples), batch_size)
     for s in tqdm(starts, desc="reference log-probs", disable=not progress, leave=False):
         b = examples[s:s + batch_size]
+        # Under bf16 autocast when training runs in bf16, so the policy starts equal to its reference.
         with bf16:
             c, r = (x.cpu() for x in pair_logps(ref, b, pad_id))                 # [len(b)] each
         out += [{"sum": (float(c[i]), float(r[i])),
@@ -227,6 +244,7 @@ def add_reference_logps(ref_path, examples, pad_id, cache_file, batch_size, dtyp
     before training starts. dtype torch.bfloat16: float32 weights under bf16 autocast, the
     precision training runs in (fit), so the policy equals the reference at the first step (h = 0
     up to rounding) rather than differing by bf16 noise; torch.float32: exact."""
+    # The cache is keyed by everything its numbers depend on: the reference, its precision, the tokens.
     key = [str(ref_path), str(dtype)] + [[e.prompt, e.completion, e.rejected] for e in examples]
     key_hash = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     cache_file = Path(cache_file)
@@ -239,6 +257,7 @@ def add_reference_logps(ref_path, examples, pad_id, cache_file, batch_size, dtyp
         if dist.rank() == 0:
             cache_file.unlink()  # another dataset's or reference's cache: recompute
         dist.barrier()
+    # One rank computes (over every rank's share) and writes the cache; the others wait and read it.
     compute = partial(_compute_reference, ref_path, examples, pad_id, batch_size, dtype, device, progress,
                       key_hash)
     saved = dist.once(cache_file, compute, _save_torch, torch.load)

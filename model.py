@@ -111,6 +111,8 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     s = cfg.rope_scaling
     if s is None:
         return inv
+    # Wavelengths longer than the original context are slowed by `factor`, shorter than old / hi
+    # kept, and the band between blended linearly in old / wavelen.
     factor, lo, hi, old = (s[k] for k in ROPE_SCALING_FIELDS)
     wavelen = 2 * math.pi / inv
     smooth = (old / wavelen - lo) / (hi - lo)
@@ -152,6 +154,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # [B, nh, T, hd]
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # [B, nkv, T, hd]
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        # Positions enter through q and k only; each key head serves nh / nkv query heads (GQA).
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
@@ -275,11 +278,13 @@ class Llama(nn.Module):
             if tuple(sd[k].shape) != tuple(v.shape):
                 raise ValueError(f"{path}: tensor '{k}' has shape {tuple(sd[k].shape)}, "
                                  f"config expects {tuple(v.shape)}")
+        # Built on the meta device, so the weights are allocated once, where they will live.
         model = model.to_empty(device=device)
         model.load_state_dict({k: sd[k] for k in expect}, strict=False, assign=False)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg).to(device)
+        # A new reward head starts from small seeded weights, so the same run gives the same head.
         if fresh_score:
             g = torch.Generator().manual_seed(0)
             init = torch.randn(1, cfg.hidden_size, generator=g) / cfg.hidden_size ** 0.5

@@ -20,6 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from cli import HelpFormatter, number
 from data import Pair, completion_ids, load_tokenizer, prompt_completion_batch
 from files import read_jsonl, write_jsonl
 from genrm import p_chosen
@@ -101,6 +102,7 @@ def score(model, items, *, batch_size=1, temperature=None, top_p=None):
     seqs, out = _sequences(items), []
     dev = model.lm_head.weight.device
     for s in range(0, len(seqs), batch_size):
+        # One forward per batch; the logits are held, since the top-5 needs every position's row.
         chunk = seqs[s:s + batch_size]
         idx, valid, _ = prompt_completion_batch(chunk, pad_id=0)  # right padding; pad id is masked out
         idx, valid = idx.to(dev), valid.to(dev)
@@ -109,6 +111,7 @@ def score(model, items, *, batch_size=1, temperature=None, top_p=None):
         rewards = model.reward(idx, valid).tolist() if model.score is not None else None
         if temperature is not None or top_p is not None:
             tempered = tempered_logprobs(model, hidden, chunk, temperature or 1.0)
+        # Each sequence's rows: position P + t - 1 predicts completion token t.
         for i, (prompt, comp) in enumerate(chunk):
             P, C = len(prompt), len(comp)
             lg = logits[i, P - 1:P + C - 1]                                   # [C, V] predicts comp
@@ -150,7 +153,9 @@ def processed(logits, tgt, temperature, top_p):
     """The log-probs of tokens `tgt` [C] under the distribution a sampler at (temperature, top_p)
     draws from: softmax(logits / T), cut to the nucleus (sample.top_p_filter) and renormalised."""
     kept, order = top_p_filter(torch.softmax(logits / temperature, -1), top_p)   # [C, V] sorted
+    # The probabilities come back sorted, so each token's probability is found at its rank.
     p = kept.gather(1, (order == tgt[:, None]).float().argmax(1, keepdim=True)).squeeze(1)
+    # A token outside the nucleus has probability 0 there: no log-prob, and no sum over the sequence.
     lp = [math.log(x) if x > 0 else None for x in p.double().tolist()]
     total = None if None in lp else sum(lp)
     return {"processed_logprobs": lp, "processed_logprob_sum": total,
@@ -175,6 +180,7 @@ def float64_logits(weights, cfg, ids):
     ang = torch.arange(T, dtype=torch.float64)[:, None] * rope_inv_freq(cfg).double()[None]  # [T, hd/2]
     cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
     future = ~torch.ones(T, T, dtype=torch.bool).tril()
+    # The Llama block written out step by step: norm, attention, residual; norm, SwiGLU, residual.
     x = weights["model.embed_tokens.weight"][torch.tensor(ids)]               # [T, H]
     for i in range(cfg.num_hidden_layers):
         pre = f"model.layers.{i}."
@@ -236,6 +242,7 @@ def add_pair_numbers(rows, ref_recs, args):
             row["bt_loss"] = bt_loss(torch.tensor(w["reward"]), torch.tensor(l["reward"])).item()
         if ref_it is None:
             continue
+        # The reference's records come in the same order as the policy's: chosen, then rejected.
         rw, rl = next(ref_it), next(ref_it)
         w["ref_logprob_sum"], l["ref_logprob_sum"] = rw["logprob_sum"], rl["logprob_sum"]
         key = "logprob_mean" if args.loss_type == "ipo" else "logprob_sum"
@@ -268,6 +275,7 @@ def dump(args):
     items = read_items(args.data, model.config.vocab_size, get_tok, want_pairs_text=args.genrm)
     if args.diagnose:
         return diagnose(model, items, args)
+    # The float32 numbers first, then the float64 recompute that bounds their rounding.
     recs = score(model, items, batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p)
     if not args.no_float64:
         add_float64(model, items, recs)
@@ -300,27 +308,29 @@ def diagnose(model, items, args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", help="HF-format Llama-family directory (or smollm2-135m-instruct)")
     ap.add_argument("--data", help="JSONL: token ids (prompt_ids + completion_ids | chosen_ids + "
                     "rejected_ids) or text (prompt | messages, + completion | chosen + rejected)")
     ap.add_argument("--out", help="write the rows here (JSONL)")
     ap.add_argument("--ref", help="reference model for the DPO quantities of pairs")
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--beta", type=number(float, above=0), default=0.1, help="DPO beta")
     ap.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO eps (losses.dpo_loss)")
-    ap.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid")
+    ap.add_argument("--loss-type", choices=("sigmoid", "ipo"), default="sigmoid",
+                    help="DPO loss (ipo: on per-token mean log-probs, as TRL)")
     ap.add_argument("--genrm", action="store_true", help="p(A > B) of Eq. 7 in both orders (text pairs)")
-    ap.add_argument("--temperature", type=float, help="add processed log-probs at this temperature")
-    ap.add_argument("--top-p", type=float, help="add processed log-probs with this nucleus")
-    ap.add_argument("--batch-size", type=int, default=1, help="sequences per forward (1: no padding)")
+    ap.add_argument("--temperature", type=number(float, above=0),
+                    help="add processed log-probs at this temperature")
+    ap.add_argument("--top-p", type=number(float, above=0, high=1),
+                    help="add processed log-probs with this nucleus")
+    ap.add_argument("--batch-size", type=number(int, 1), default=1,
+                    help="sequences per forward (1: no padding)")
     ap.add_argument("--no-float64", action="store_true", help="skip the float64 recompute (2x weight memory)")
-    ap.add_argument("--compare", nargs=2, metavar=("OURS", "THEIRS"))
+    ap.add_argument("--compare", nargs=2, metavar=("OURS", "THEIRS"),
+                    help="compare two dumps, matched by id; exit status 1 past --tol")
     ap.add_argument("--tol", type=float, default=1e-3, help="largest per-token / DPO-loss |diff| that passes")
     ap.add_argument("--diagnose", action="store_true", help="bf16 vs float32 and batch 1 vs many, on --data")
     args = ap.parse_args(argv)
-    if args.batch_size < 1 or (args.temperature is not None and args.temperature <= 0) \
-            or (args.top_p is not None and not 0 < args.top_p <= 1):
-        ap.error("--batch-size >= 1, --temperature > 0 and --top-p in (0, 1] please")
     try:
         if args.compare:
             lines, ok = compare(read_dump(args.compare[0]), read_dump(args.compare[1]), args.tol)

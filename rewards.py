@@ -31,6 +31,7 @@ def judge_items(texts_per_prompt, both_orders, seed, step, ids):
                 if both_orders:
                     items += [(q, i, j, True), (q, i, j, False)]
                 else:
+                    # One order per pair, drawn from what the pair is, so a rerun shows the same order.
                     items.append((q, i, j,
                                   random.Random(seed_of("order", seed, step, ids[q], i, j)).random() < 0.5))
     return items
@@ -68,6 +69,7 @@ def pair_tallies(n_texts, recs) -> dict:
         if r["failed"]:
             t["failed"] += 1  # masked: it counts for nothing, least of all for one of the answers
             continue
+        # A tie gives each answer half a win, so the two answers' wins always add up to `valid`.
         w = winner_of(r)
         t["valid"] += 1
         t["outcomes"].append(w)
@@ -87,6 +89,7 @@ def preference_pairs(n_texts, recs, rule="agree") -> list:
     for (i, j), t in pair_tallies(n_texts, recs).items():
         if not t["valid"]:
             continue
+        # "agree" asks for a unanimous judge (both orders alike); "pooled" lets the majority decide.
         if rule == "agree":
             if t["failed"] or any(w is None for w in t["outcomes"]) or len(set(t["outcomes"])) != 1:
                 continue
@@ -114,6 +117,7 @@ def answer_rewards(n_texts, recs, scores=None) -> dict:
         if scores is not None:
             lo = float(scores[i] - scores[j])
         else:
+            # Half a win added to each side keeps p off 0 and 1, so the log-odds stay finite.
             p = (t["wins"][0] + 0.5) / (t["valid"] + 1)
             lo = math.log(p / (1 - p))
         eq6[i].append(lo)
@@ -149,6 +153,7 @@ def judgement_stats(recs_per_prompt) -> dict:
                 decided += 1
                 a += r["verdict"] == "A"
             by_pair.setdefault((r["i"], r["j"]), {}).setdefault(r["a"] == r["i"], []).append(r)
+        # Order agreement: the same pair shown both ways, both judgements valid, the same winner.
         for orders in by_pair.values():
             if len(orders) == 2:
                 for x, y in zip(orders[True], orders[False]):
@@ -175,6 +180,7 @@ def truth_metrics(out_rows, key) -> dict:
             if row["right"][rec["i"]] != row["right"][rec["j"]] and not rec["failed"]:
                 judged += 1
                 hit += w is not None and row["right"][w]
+        # A pair of two wrong answers teaches neither way; it is counted apart.
         for w, l in row["pairs"]:
             with_t += row["right"][w] and not row["right"][l]
             against += row["right"][l] and not row["right"][w]

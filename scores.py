@@ -72,6 +72,7 @@ def pair_group(p) -> str:
 def section_weights(groups) -> dict[str, float]:
     """Each pair group's weight in the RewardBench score: the mean of the sections present, the
     reasoning section itself the mean of its math and code halves present (groups: pair_group)."""
+    # A section's weight is shared by its groups present; an absent section takes no weight.
     present = sorted(set(groups))
     secs = [[g for g in present if g.split("/")[0] == s] for s in SECTIONS]
     secs = [gs for gs in secs if gs]
@@ -141,6 +142,7 @@ def summarize(pairs, recs) -> dict:
     pp = {"id": [], "group": [], **{m: [] for m in METRICS}, "maj@k": {str(k): [] for k in KS if k <= n_min}}
     pos = {"A": [], "B": []}
     swaps, n_votes, n_fail, n_forced, n_tie, n_none, n_judg = [], 0, 0, 0, 0, 0, 0
+    # Score each pair: its judgements in each order, then the counts behind the judge's diagnostics.
     for p, r in zip(pairs, recs):
         both = None
         if "margin" in r:
@@ -161,6 +163,7 @@ def summarize(pairs, recs) -> dict:
                     n_forced += sum(bool(f) for _, f in j["votes"])
             for k, v in pp["maj@k"].items():
                 v.append(sum(_majk(j, key, int(k)) for key, j in r["order"].items()) / len(out))
+            # Only a pair judged in both orders has a pooled score and a swap-consistency outcome.
             if len(out) == 2:
                 both = pooled_outcome(r["order"])
                 if out["A"].picked is not None and out["B"].picked is not None:
@@ -168,6 +171,7 @@ def summarize(pairs, recs) -> dict:
                     swaps.append(float((out["A"].picked == "A") == (out["B"].picked == "B")))
         for m, x in zip(("id", "group", *METRICS), (p.id, pair_group(p), acc1, accN, both, longer_wins(p))):
             pp[m].append(x)
+    # Then accuracies per group of pairs: all of them, each category, each reasoning half.
     members = defaultdict(list)
     for i, p in enumerate(pairs):
         for c in {"all", p.category or "none", pair_group(p)}:
@@ -177,6 +181,7 @@ def summarize(pairs, recs) -> dict:
         pc["reasoning"] = _accuracies(pp, members["reasoning"],
                                       section_weights(["reasoning/math", "reasoning/code"]))
     out = {"n": len(pairs), "per_category": pc}
+    # The RewardBench score weighs its sections equally, whatever their numbers of pairs.
     secs = [s for s in SECTIONS if s in pc]
     if secs:
         idx = [i for s in secs for i in members[s]]
