@@ -18,19 +18,26 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from machine import cpu_vendor, read_cpuinfo
 from model import Llama, apply_rope, rope_cos_sin
+
+# At one row F.linear is MKL's matrix-vector product, which streams a weight faster than oneDNN's
+# packed kernel on Intel CPUs (an Intel Xeon with AVX-512: 38-47 GB/s against 15-28) and slower on
+# AMD ones, where MKL does not take its fastest paths (an AMD EPYC with AVX512-BF16: 12 GB/s
+# against 20-26). So a one-row engine keeps F.linear's layout on Intel CPUs only. A module
+# constant (not a timing taken at run time), so a machine always samples with the same kernels.
+ONE_ROW_GEMV = cpu_vendor(read_cpuinfo()) == "GenuineIntel"
 
 
 def pack_weight(w, rows: int):
     """A copy of weight w [out, in] for `packed_linear`, for matmuls of about `rows` rows.
 
-    On CPU, for more than one row, prepacked for oneDNN's linear (as inductor's CPU freezing does):
-    it streams a weight 2-3x faster than F.linear's layout in few-row matmuls and runs prefill
-    faster too. For one row w itself: there F.linear is MKL's matrix-vector product, which streams
-    the weight faster than oneDNN's packed kernel (a SmolLM2-135M greedy step: 49 ms packed, 32 ms
-    plain, on an Intel Xeon with AVX-512). Elsewhere, and for bf16 on a CPU whose oneDNN has no
-    bf16 kernels, w itself too."""
-    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available() or rows == 1:
+    On CPU, prepacked for oneDNN's linear (as inductor's CPU freezing does): it streams a weight
+    2-3x faster than F.linear's layout in few-row matmuls and runs prefill faster too. For one row
+    on an Intel CPU (ONE_ROW_GEMV) w itself: there F.linear is MKL's matrix-vector product, faster
+    still (a SmolLM2-135M greedy step on an Intel Xeon: 49 ms packed, 32 ms plain). Elsewhere,
+    and for bf16 on a CPU whose oneDNN has no bf16 kernels, w itself too."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available() or (rows == 1 and ONE_ROW_GEMV):
         return w.detach()
     if w.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return w.detach()
@@ -138,7 +145,7 @@ _PACKED = weakref.WeakKeyDictionary()
 def packed_weights(model: Llama, rows: int):
     """Each block's ([q; k; v], o, [gate; up], down) weights and the lm_head's, fused and packed
     by pack_weight for matmuls of about `rows` rows; cached per model on CPU (see _PACKED)."""
-    key = (rows, tuple((p.data_ptr(), p._version) for p in model.parameters()))
+    key = (rows, ONE_ROW_GEMV, tuple((p.data_ptr(), p._version) for p in model.parameters()))
     # Same tensors at the same versions: nothing was trained since the copies were made.
     hit = _PACKED.get(model)
     if hit is not None and hit[0] == key:

@@ -1,5 +1,7 @@
 """The machine a benchmark ran on, as one line: CPU model, the ISA extensions the kernels care
-about (AVX-512, AVX512-BF16, AMX), the torch and transformers versions and the thread count."""
+about (AVX-512, AVX512-BF16, AMX), the torch and transformers versions and the thread count; and
+the CPU's vendor, by which the sampler picks its one-row matmul (engine.ONE_ROW_GEMV)."""
+import functools
 import subprocess
 
 import torch
@@ -21,20 +23,34 @@ def parse_cpuinfo(text):
     return model or "unknown CPU", [f for f in ISA_FLAGS if f in (flags or ())]
 
 
+def cpu_vendor(text):
+    """The vendor string of /proc/cpuinfo ("vendor_id") or `lscpu` ("Vendor ID") text, e.g.
+    "GenuineIntel" or "AuthenticAMD"; "" when the text names none."""
+    for line in text.splitlines():
+        key, sep, val = line.partition(":")
+        if sep and key.strip().lower() in ("vendor_id", "vendor id"):
+            return val.strip()
+    return ""
+
+
+@functools.cache
+def read_cpuinfo():
+    """This machine's /proc/cpuinfo, else `lscpu`'s output, else "" (read once per process)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        try:
+            return subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+
 def machine_info(threads, cpuinfo=None):
     """One line: CPU model, which of ISA_FLAGS it has, torch and transformers versions, threads.
-    `cpuinfo`: the text to parse (default /proc/cpuinfo, else `lscpu`'s output)."""
+    `cpuinfo`: the text to parse (default: read_cpuinfo())."""
     from importlib.metadata import PackageNotFoundError, version
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            try:
-                cpuinfo = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-            except (OSError, subprocess.SubprocessError):
-                cpuinfo = ""
-    model, have = parse_cpuinfo(cpuinfo)
+    model, have = parse_cpuinfo(read_cpuinfo() if cpuinfo is None else cpuinfo)
     isa = ", ".join(f"{f} {'yes' if f in have else 'no'}" for f in ISA_FLAGS)
     try:
         hf = version("transformers")

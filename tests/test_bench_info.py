@@ -49,3 +49,10 @@ def test_machine_info_line():
     assert f"torch {torch.__version__}" in line and "transformers " in line and line.endswith("2 threads")
     assert "avx512f no, avx512_bf16 no, amx_bf16 no, amx_tile no" in machine.machine_info(4, cpuinfo=EPYC)
     assert "machine: " in machine.machine_info(1)  # this machine's /proc/cpuinfo (or lscpu)
+
+
+def test_cpu_vendor_from_cpuinfo_and_lscpu():
+    assert machine.cpu_vendor(XEON) == "GenuineIntel"
+    assert machine.cpu_vendor(EPYC) == "AuthenticAMD"
+    assert machine.cpu_vendor("Architecture: x86_64\nVendor ID:    AuthenticAMD\n") == "AuthenticAMD"
+    assert machine.cpu_vendor(LSCPU) == ""  # no vendor line: neither vendor is assumed

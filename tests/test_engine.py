@@ -1,7 +1,9 @@
 """generate's fast paths (KV cache, shared prefix, grouped rows, continuous batching, the suffix)
 against reference_generate, the plain loop with a full no-cache forward per step."""
+import pytest
 import torch
 
+import engine
 from conftest import tiny_model
 from sample import generate, reference_generate
 
@@ -34,10 +36,15 @@ def test_generate_equals_the_reference_loop():
         _same(generate(m, ps, prompt_batch=prompt_batch, progress=False, **sampled), ref)
 
 
-def test_one_row_generate_equals_the_reference_loop():
-    # A one-row engine keeps the weights in F.linear's layout (pack_weight): a different matmul
-    # kernel from the packed one of a many-row engine, so it is checked against the plain loop too.
+@pytest.mark.parametrize("one_row_gemv", [True, False])
+def test_one_row_generate_equals_the_reference_loop(monkeypatch, one_row_gemv):
+    # On an Intel CPU a one-row engine keeps the weights in F.linear's layout (pack_weight,
+    # ONE_ROW_GEMV), elsewhere oneDNN's packed one: both kernels are checked against the plain loop
+    # on whichever machine the tests run.
+    monkeypatch.setattr(engine, "ONE_ROW_GEMV", one_row_gemv)
     m = tiny_model(seed=8)
+    if torch.backends.mkldnn.is_available():  # the flag decides which kernel runs
+        assert engine.Engine(m, 1, 32).layers[0].wqkv.is_mkldnn == (not one_row_gemv)
     g = torch.Generator().manual_seed(2)
     ps = [torch.randint(3, 300, (13,), generator=g).tolist()]
     for kw in (dict(temperature=0),
