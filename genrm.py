@@ -109,6 +109,7 @@ def next_token_ab(model, tok: Tokenizer, seqs, batch_size=4) -> torch.Tensor:
         chunk = seqs[s:s + batch_size]
         idx, valid = pad(chunk, tok.pad_id)
         h = model.hidden(idx.to(dev), valid=valid.to(dev))                    # [b, T, H]
+        # Only two rows of the lm_head are needed: the logits of 'A' and 'B' at each last position.
         last = torch.tensor([len(c) - 1 for c in chunk], device=dev)
         w = model.lm_head.weight[ab.to(dev)]                                   # [2, H]
         out.append((h[torch.arange(len(chunk), device=dev), last] @ w.T).float().cpu())
@@ -133,6 +134,7 @@ def p_chosen(model, tok, pairs, a_is_chosen, *, batch_size=4, progress=False) ->
             out += next_token_ab(model, tok, ss[s:s + batch_size], batch_size).tolist()
         return out
     p_a = preference_from_logits(torch.tensor(dist.shard_map(mine, seqs)).reshape(-1, 2))  # [N] P(A wins)
+    # Where the chosen answer was shown as B, its probability of winning is that of B.
     return torch.where(torch.tensor(list(a_is_chosen), dtype=torch.bool), p_a, 1 - p_a)
 
 
@@ -159,6 +161,7 @@ def genrm_examples(tok, pairs, max_len, stats, seed):
 
 def reward_eq6(p_pref: torch.Tensor, eps=1e-6) -> torch.Tensor:
     """Eq. 6: r(x, y) - r(x, y_ref) = log(p(y > y_ref | x) / (1 - p(y > y_ref | x)))."""
+    # A certain judge (p = 0 or 1) would give an infinite reward; the clamp keeps it finite.
     p = p_pref.clamp(eps, 1 - eps)
     return torch.log(p) - torch.log1p(-p)
 
@@ -173,6 +176,7 @@ def forced_verdicts(ab, sample_seeds=None, temperature=1.0):
     if sample_seeds is None:
         return ["A" if p >= 0.5 else "B" for p in preference_from_logits(ab).tolist()]
     pa = preference_from_logits(ab / temperature if temperature != 1.0 else ab).tolist()
+    # One uniform per rationale from its own seed, so a verdict does not depend on the others forced.
     u = [torch.rand(1, generator=torch.Generator().manual_seed(s)).item() for s in sample_seeds]
     return ["A" if x < p else "B" for x, p in zip(u, pa)]
 
@@ -223,10 +227,12 @@ def cot_judge(model, tok, pairs, a_is_chosen, *, n=1, max_new_tokens=256, temper
             if s["verdict"] is None and force:
                 todo.append((i, j, s))
     if todo:
+        # Each forced verdict's seed comes from its pair's seed and its sample index.
         fseeds = [seeds[i] * 7919 + j for i, j, _ in todo] if force == "sample" else None
         forced = forced_verdicts([s["ab"] for _, _, s in todo], fseeds, verdict_temperature)
         for (_, _, s), v in zip(todo, forced):
             s["verdict"], s["forced"] = v, True
+    # The A/B logits served the forcing only; the caller gets the rationale and its verdict.
     for r in res:
         for s in r:
             del s["ab"]
@@ -250,6 +256,7 @@ def cot_judge_sharded(model, tok, pairs, a_is_chosen, *, seed=0, **kw):
 
 def split_pairs(pairs, k, seed):
     """K disjoint parts covering the data, by a seeded permutation (paper A.3)."""
+    # Every k-th index of one shuffle: the parts differ in size by at most one, and keep file order.
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     return [[pairs[j] for j in sorted(order[i::k])] for i in range(k)]

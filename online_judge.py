@@ -43,6 +43,7 @@ def sample_answers(model, tok, rows, cfg: OnlineConfig, step, n, temperature):
     out = []
     for r, samples in zip(rows, dist.shard_map(share, items)):
         ans = []
+        # An answer is right when its text is exactly the row's answer (the small world's truth).
         for ids in samples:
             text = tok.decode(ids)
             ans.append({"text": text, "ids": ids,
@@ -91,6 +92,7 @@ def judge_cot(model, tok, rows, texts_per_prompt, cfg: OnlineConfig, step):
         pair = Pair(id=r["id"], prompt=r["question"], chosen=texts[i], rejected=texts[j],
                     messages=chat if len(chat) > 1 else None)
         base = {"i": i, "j": j, "a": i if i_is_a else j}
+        # An input the judge cannot read whole is a failure, counted as such, never truncated.
         if judge_positions(tok, pair, "cot", cfg.judge_max_new_tokens) > limit:
             out[q] += [dict(base, verdict=None, forced=False,
                             failed="over-long", rationale="")] * cfg.judge_samples
@@ -98,6 +100,7 @@ def judge_cot(model, tok, rows, texts_per_prompt, cfg: OnlineConfig, step):
         work.append((pair, i_is_a, seed_of("judge", cfg.seed, step, r["id"], i, j, int(i_is_a))))
         where.append((q, base))
     res = dist.shard_map(partial(_cot_share, model, tok, cfg), work)
+    # Each rationale is a judgement; one that wrote no verdict (and was not forced) is a failure.
     for (q, base), samples in zip(where, res):
         for s in samples:
             failed = None if s["verdict"] is not None else "no verdict"
@@ -124,6 +127,7 @@ def bt_scores(model, tok, rows, texts_per_prompt):
     items = [(tok.apply_chat([{"role": "user", "content": r["question"]}]), completion_ids(tok, t))
              for r, texts in zip(rows, texts_per_prompt) for t in texts]
     flat = dist.shard_map(partial(_scores_share, model, tok), items)
+    # The flat list back into one list of scores per prompt.
     out, k = [], 0
     for texts in texts_per_prompt:
         out.append(flat[k:k + len(texts)])
@@ -147,6 +151,7 @@ def fooled_rate(judge, jtok, rows, answers, cfg: OnlineConfig, judge_kind) -> di
     """Reward hacking probe: for each held-out question the policy answered wrongly, the judge
     compares that answer with the right one (both orders); the share of valid judgements that
     prefer the policy's wrong answer (a judge the policy has learned to fool prefers more)."""
+    # The truth is never fooled, and a policy that answers everything right leaves nothing to probe.
     wrong = [(r, a) for r, a in zip(rows, answers) if a != r["answer"]]
     if not wrong or judge_kind == "truth":
         return {"wrong": len(wrong), "judgements": 0, "fooled": None}

@@ -41,6 +41,7 @@ def world_policy(threads=None, log=print) -> str:
     $GENRM_CACHE/world/policy-<hash>; a killed build resumes from its checkpoint."""
     import train
     recipe, d = world.POLICY_RECIPE, world.policy_dir()
+    # Built once per recipe; the cache directory's name is a hash of it, so a change rebuilds.
     if not (d / "model" / "config.json").exists():
         log(f"building the small world's policy in {d} (once per recipe)")
         if dist.rank() == 0 and not (d / "init" / "config.json").exists():
@@ -63,6 +64,7 @@ def world_trained_judge(threads=None, log=print) -> str:
     recipe = _recipe(cfg)
     run = _recipe_dir("judge", [recipe, world.BASE_RECIPE, train.WORLD_PAIRS])
     final = run / f"iter_{cfg.iterations - 1}" / "model"
+    # The same steps train.main runs for the main job, into the cache instead of a run directory.
     if not (final / "config.json").exists():
         log(f"building the small world's trained judge in {run} (the main job's STaR-DPO steps, once)")
         cfg = train.world_inputs(replace(cfg, out=str(run)), run)
@@ -139,6 +141,7 @@ def step_prompts(n_prompts, step, per_step, seed) -> list:
     """Indices of the prompts of step `step` (0-based): the pool in a seeded order, reshuffled
     (seed, pass) at each pass over it, so step k's prompts depend on nothing but (seed, k)."""
     out = []
+    # Prompt k of the run is position k % n of pass k // n's shuffle: no state carried between steps.
     for k in range(step * per_step, (step + 1) * per_step):
         order = list(range(n_prompts))
         random.Random(f"online:{seed}:{k // n_prompts}").shuffle(order)
