@@ -29,7 +29,7 @@ from pathlib import Path
 import compare_world
 import stats
 from files import read_jsonl, write_json, write_jsonl, write_text
-from scores import KS, SECTIONS, fmt_acc, grouped_scores, reasoning_half, section_weights
+from scores import KS, SECTIONS, fmt_acc, fmt_minutes, grouped_scores, reasoning_half, section_weights
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "shared" / "data"   # the full staged data (--data-dir, --build-assets)
@@ -224,11 +224,6 @@ def fmt_diff(r) -> str:
     if r is None:
         return "-"
     return f"{r['diff']:+.3f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}] p={r['p']:.3f}"
-
-
-def fmt_minutes(seconds) -> str:
-    """A wall-time cell in minutes; "-" for none."""
-    return "-" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def table(results: dict, files: dict) -> str:

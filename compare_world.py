@@ -25,7 +25,7 @@ import train
 import world
 from data import Pair
 from files import read_jsonl, write_json, write_jsonl, write_text
-from scores import KS, fmt_acc
+from scores import KS, fmt_acc, fmt_minutes
 
 EVAL_SPLITS = ("id", "ood", "ood_errors")  # world.py's held-out levels: 1-3 digits, 4 digits, new error kinds
 BASE_COT, BASE_GENRM = "LLM-as-a-judge (base, CoT)", "GenRM (base, zero-shot)"
@@ -128,21 +128,13 @@ def table(results: dict, files: dict, samples: int) -> str:
             s = res["files"][names[split]]
             if "position" in s:
                 p = s["position"]
-                lines.append(f"| {name} | {split.upper()} | {_rate(s.get('forced_rate'))} | "
-                             f"{_rate(s.get('parse_failure_rate'))} | {_rate(p['acc_chosen_as_A'])} | "
-                             f"{_rate(p['acc_chosen_as_B'])} |")
+                lines.append(f"| {name} | {split.upper()} | {fmt_acc(s.get('forced_rate'))} | "
+                             f"{fmt_acc(s.get('parse_failure_rate'))} | {fmt_acc(p['acc_chosen_as_A'])} | "
+                             f"{fmt_acc(p['acc_chosen_as_B'])} |")
     lines += ["", "| judge | training | evaluation |", "|---|---|---|"]
-    lines += [f"| {name} | {_minutes(res['train_s'])} | {_minutes(res['eval_s'])} |"
+    lines += [f"| {name} | {fmt_minutes(res['train_s'])} | {fmt_minutes(res['eval_s'])} |"
               for name, res in results.items()]
     return "\n".join(lines) + "\n"
-
-
-def _rate(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _minutes(seconds) -> str:
-    return "-" if seconds is None else f"{seconds / 60:.1f} min"
 
 
 def _acc(res, file, key):

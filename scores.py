@@ -206,6 +206,11 @@ def fmt_acc(x, ci=None) -> str:
     return f"{x:.3f}" + ("" if ci is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]")
 
 
+def fmt_minutes(seconds) -> str:
+    """A wall-time cell in minutes; "-" for none."""
+    return "-" if seconds is None else f"{seconds / 60:.1f} min"
+
+
 def markdown(results: dict) -> str:
     """Per eval file: every accuracy with its 95% interval per category (the RewardBench section
     mean last), the maj@k curve when more than one k was taken, and the judge diagnostics."""
