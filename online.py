@@ -142,10 +142,12 @@ def dpo_examples(tok, rows, answers, texts_per_prompt, of_per_prompt, pairs_per_
 def online_step(policy, judge, tok, jtok, rows, cfg: OnlineConfig, step):
     """Sample, judge, pair and score the answers to the step's prompt rows. Returns (per prompt
     records for steps/NNNNNN.jsonl, DPO examples, metrics)."""
+    # 1. The policy answers; identical answers are one answer, never judged against each other.
     answers = sample_answers(policy, tok, rows, cfg, step, cfg.samples, cfg.temperature)
     uniq = [unique_answers(a) for a in answers]
     texts = [t for t, _ in uniq]
     ids = [r["id"] for r in rows]
+    # 2. The judge gives its verdicts on every pair of distinct answers (or scores them).
     scores = None
     if cfg.judge == "truth":
         truth = [[float(t == r["answer"]) for t in ts] for r, ts in zip(rows, texts)]
@@ -156,6 +158,7 @@ def online_step(policy, judge, tok, jtok, rows, cfg: OnlineConfig, step):
     else:
         recs = judge_cot(judge, jtok, rows, texts, cfg, step)
 
+    # 3. The verdicts become DPO pairs and per-answer rewards (Eq. 5-6).
     out_rows, pairs_per_prompt = [], []
     for q, r in enumerate(rows):
         rew = answer_rewards(len(texts[q]), recs[q], None if scores is None else scores[q])
@@ -278,6 +281,7 @@ def run(cfg: OnlineConfig, out, log=print) -> dict:
         policy = _load(out / "policy", cfg)
         history = [r for _, r in read_jsonl(out / "metrics.jsonl")]
         start = cfg.steps
+    # Each step: the policy samples, the judge rewards, one DPO update, and a checkpoint now and then.
     for step in range(start, cfg.steps):
         ts = time.time()
         policy.eval()
