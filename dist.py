@@ -76,6 +76,7 @@ def shard(model):
                                   cast_forward_inputs=False)
     else:
         mp = MixedPrecisionPolicy()
+    # Blocks first, then the root: each block's parameters are gathered only while it runs.
     for blk in model.model.layers:
         fully_shard(blk, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -97,9 +98,11 @@ def shard_map(fn, items):
     fn returns one result per item. With one process: fn(items)."""
     if world() == 1:
         return fn(items)
+    # Strided shares keep the ranks' loads even when the items grow longer along the list.
     mine = fn(items[rank()::world()])
     parts = [None] * world()
     dist.all_gather_object(parts, mine)
+    # Rank r's results go back to the positions it took, so the order is the single-process order.
     out = [None] * len(items)
     for r, part in enumerate(parts):
         out[r::world()] = part

@@ -24,10 +24,12 @@ def atomic_write(dst):
     block raises, dst keeps what it held and the temp file is removed."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    # The temp file sits beside dst, on the same file system, so the rename below is atomic.
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
+        # mkstemp makes the file private (0600); an artefact is readable as any written file is.
         os.chmod(tmp, 0o644)
         os.replace(tmp, dst)
     finally:
@@ -145,6 +147,7 @@ def check_run_dir(out: Path, resume: bool, conflicts):
     with one line."""
     out = Path(out)
     args_f = out / "args.json"
+    # Refusing a non-empty directory keeps a new run from mixing its artefacts with an old run's.
     if out.exists() and any(out.iterdir()) and not resume:
         raise SystemExit(f"{out} exists and is not empty: pass --resume to continue it "
                          "or --out for a new run")
