@@ -57,6 +57,7 @@ def stratified(rows, group, counts: dict, seed):
     for i, r in enumerate(rows):
         by[group(r)].append(i)
     keep = []
+    # Each group draws from its own seeded generator, so one group's size never changes another's draw.
     for g, n in sorted(counts.items()):
         if len(by[g]) < n:
             raise ValueError(f"group {g or 'all'!r} has {len(by[g])} pairs, {n} asked")
@@ -99,6 +100,7 @@ def build_subsets(a, d: Path, src: dict) -> dict:
         dst = d / f"{name}.jsonl"
         if not dst.exists():
             write_jsonl(dst, _subset(Path(src[name]), group, counts, a.seed))
+        # A subset written by an earlier invocation must be the one this invocation asks for.
         have = dict(Counter(group(r) for _, r in read_jsonl(dst)))
         if have != counts:
             raise SystemExit(f"{dst}: holds {have} pairs per group, {counts} asked: this --out was started "
@@ -139,6 +141,7 @@ def provenance(a, data_dir: Path, dst: Path) -> str:
         groups = ", ".join(f"{g} {n}" for g, n in sorted(per.items())) if len(per) > 1 else "-"
         lines.append(f"| `{f.name}` | {sum(per.values())} | {groups} | `{SOURCES[name]}` | "
                      f"`{_sha256(data_dir / SOURCES[name])}` | `{_sha256(f)}` |")
+    # Then the sources' own rows and sections, quoted from the staged data's PROVENANCE.md.
     src = (data_dir / "PROVENANCE.md").read_text().splitlines()
     table = [ln for ln in src if ln.startswith("| file |") or ln.startswith("|---")][:2]
     table += [ln for ln in src if any(ln.startswith(f"| `{s}` |") for s in SOURCES.values())]
@@ -181,6 +184,7 @@ def comparisons(results: dict, files: dict) -> list:
         ref = res if vs == LENGTH else results.get(vs)
         if vs is None or res is None or ref is None:
             continue
+        # Which scores to compare: BT against the length baseline, a judge at maj@1, maj@N and pooled.
         n = res["samples"]
         each = f"maj@{n}" if res["judge"] == "cot" else "p(chosen) > 0.5, each order"
         scores = [("maj@N", "longer", "reward margin > 0 vs longer answer")] if vs == LENGTH else \
@@ -194,6 +198,7 @@ def comparisons(results: dict, files: dict) -> list:
                 if a is None or b is None or None in a[ma] or None in b[mb]:
                     cells[f] = None
                     continue
+                # A paired comparison needs the same pairs in the same order on both sides.
                 if a["id"] != b["id"]:
                     raise ValueError(f"{name} and {vs} were judged on different pairs of {f}")
                 w = section_weights(a["group"]) if i == 1 else None  # RewardBench: the section score
