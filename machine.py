@@ -9,28 +9,30 @@ import torch
 ISA_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # AVX-512, AVX512-BF16, AMX
 
 
-def parse_cpuinfo(text):
-    """(CPU model, the ISA_FLAGS it lists) from /proc/cpuinfo or `lscpu` text ("model name" /
-    "Model name", "flags" / "Flags" lines; the first of each counts)."""
-    model, flags = None, None
+def _fields(text):
+    """The "key: value" lines of /proc/cpuinfo or `lscpu` text, keys lower-cased, the first value
+    of each key kept (/proc/cpuinfo repeats them per processor)."""
+    out = {}
     for line in text.splitlines():
         key, sep, val = line.partition(":")
-        key = key.strip().lower()
-        if sep and key == "model name" and model is None:
-            model = val.strip()
-        elif sep and key in ("flags", "features") and flags is None:
-            flags = set(val.split())
-    return model or "unknown CPU", [f for f in ISA_FLAGS if f in (flags or ())]
+        if sep:
+            out.setdefault(key.strip().lower(), val.strip())
+    return out
+
+
+def parse_cpuinfo(text):
+    """(CPU model, the ISA_FLAGS it lists) from /proc/cpuinfo or `lscpu` text ("model name" /
+    "Model name", "flags" / "Flags" lines; ARM's "Features")."""
+    f = _fields(text)
+    flags = set((f.get("flags") or f.get("features") or "").split())
+    return f.get("model name") or "unknown CPU", [x for x in ISA_FLAGS if x in flags]
 
 
 def cpu_vendor(text):
     """The vendor string of /proc/cpuinfo ("vendor_id") or `lscpu` ("Vendor ID") text, e.g.
     "GenuineIntel" or "AuthenticAMD"; "" when the text names none."""
-    for line in text.splitlines():
-        key, sep, val = line.partition(":")
-        if sep and key.strip().lower() in ("vendor_id", "vendor id"):
-            return val.strip()
-    return ""
+    f = _fields(text)
+    return f.get("vendor_id") or f.get("vendor id") or ""
 
 
 @functools.cache

@@ -10,7 +10,7 @@ from pathlib import Path
 import dist
 import world
 from data import LoadStats, load_pairs, load_tokenizer
-from files import DEFAULT_MODEL
+from files import DEFAULT_MODEL, cache_dir
 from online_config import OnlineConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -32,7 +32,7 @@ def _recipe(cfg) -> dict:
 
 def _recipe_dir(kind, recipe) -> Path:
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return world.cache_dir() / "world" / f"{kind}-{key}"
+    return cache_dir() / "world" / f"{kind}-{key}"
 
 
 def world_policy(threads=None, log=print) -> str:

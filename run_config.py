@@ -10,8 +10,8 @@ import torch
 
 import dist
 from cli import HelpFormatter, add_options, flag_of, number, option
+from files import DEFAULT_MODEL
 from fit import TrainConfig
-from gguf import DEFAULT_MODEL
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_TRAIN = HERE / "assets" / "data" / "train_small.jsonl"

@@ -40,8 +40,7 @@ from pathlib import Path
 
 import genrm
 from data import Pair
-from files import atomic_write, write_jsonl
-from gguf import cache_dir
+from files import atomic_write, cache_dir, write_jsonl
 
 SPLITS = ("train", "id", "ood", "ood_errors")
 DIGITS = {"train": (1, 3), "id": (1, 3), "ood": (4, 4), "ood_errors": (1, 3)}  # operand lengths, inclusive
