@@ -51,6 +51,16 @@ def packed_linear(x, w):
     return F.linear(x, w)
 
 
+def rms_norm(norm, x):
+    """The model's RMSNorm module `norm` applied to x [..., H]. On CPU in float32 as F.rms_norm:
+    there it runs the module's operations in the same order in one call (bitwise the module's
+    result, tested), without six Python-level calls. Elsewhere the module itself: in bf16 F.rms_norm
+    rounds once where the module rounds before its scale, and on CUDA it is a different kernel."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
+    return norm(x)
+
+
 class KVCache:
     """One layer's static cache: keys and values [B, n_kv, S, hd]. Row b's token at position p
     lives in slot p (a sampled token, with a DecodeLayout: in slot gen_start + its index among the
@@ -64,7 +74,8 @@ class KVCache:
         """Write new keys and values into their slots and return this batch's cache over [0, S).
 
         Args:
-            where: [B', n_kv, T] flat ids of the slots to write (Engine.hidden builds them).
+            where: [B' * n_kv * T] flat ids of the slots to write (Engine.hidden builds them once
+                for all layers).
             k, v: [B', n_kv, T, hd] the new keys and values.
             rows: [B'] the batch's cache rows, or None for all (B' = B).
             S: the slots in use.
@@ -73,8 +84,8 @@ class KVCache:
         """
         hd = k.shape[-1]
         # One small copy per tensor: the flat slot ids address [B * n_kv * S_max, hd].
-        self.k.view(-1, hd).index_copy_(0, where.flatten(), k.reshape(-1, hd))
-        self.v.view(-1, hd).index_copy_(0, where.flatten(), v.reshape(-1, hd))
+        self.k.view(-1, hd).index_copy_(0, where, k.reshape(-1, hd))
+        self.v.view(-1, hd).index_copy_(0, where, v.reshape(-1, hd))
         if rows is None:
             return self.k[:, :, :S], self.v[:, :, :S]
         return self.k[rows, :, :S], self.v[rows, :, :S]
@@ -244,15 +255,16 @@ class Engine:
         # The flat cache slot ids of the new keys and values: (row, kv head, slot).
         r = torch.arange(len(pos), device=dev) if rows is None else rows
         heads = r[:, None] * self.nkv + torch.arange(self.nkv, device=dev)       # [B, nkv]
-        where = (heads * self.length)[:, :, None] + slot[:, None, :]              # [B, nkv, T]
+        where = ((heads * self.length)[:, :, None] + slot[:, None, :]).flatten()  # [B * nkv * T]
         # Rows grouped by prompt (cascade); a static step reads each row's prompt from its own row.
         cascade = layout if layout is not None and layout.members is not None and not static else None
         x = self.model.model.embed_tokens(idx)                                   # [B, T, H]
         for layer in self.layers:
             blk = layer.block
-            x = x + self._attention(layer, blk.input_layernorm(x), cos, sin, mask, where, rows, cascade)
-            x = x + self._mlp(layer, blk.post_attention_layernorm(x))
-        return self.model.model.norm(x)
+            h = rms_norm(blk.input_layernorm, x)
+            x = x + self._attention(layer, h, cos, sin, mask, where, rows, cascade)
+            x = x + self._mlp(layer, rms_norm(blk.post_attention_layernorm, x))
+        return rms_norm(self.model.model.norm, x)
 
     def _attention(self, layer, x, cos, sin, mask, where, rows, cascade):
         """Attention with the cache: one matmul for q, k, v, RoPE on q and k at once, and at T = 1
@@ -268,9 +280,12 @@ class Engine:
             q = q.reshape(B, nkv, nh // nkv, hd)
             y = (cascade_attention(q, k, v, mask, self.shared, cascade) if self.shared or cascade is not None
                  else F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            # One token per row: the heads of [B, nkv, g, hd] are already in o_proj's input order.
+            y = y.reshape(B, T, nh * hd)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
-        return packed_linear(y.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd), layer.wo)
+            y = y.transpose(1, 2).reshape(B, T, nh * hd)
+        return packed_linear(y, layer.wo)
 
     def _mlp(self, layer, x):
         """SwiGLU with gate and up in one matmul (few-row decode is bandwidth-bound)."""

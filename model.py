@@ -98,6 +98,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalise in float32, cast back to the input dtype, then scale (HF LlamaRMSNorm's order).
+        # x [..., H] -> [..., H]; the statistic is over the last dimension only.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -168,7 +169,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU: [B, T, H] -> [B, T, H]
 
 
 class Block(nn.Module):
@@ -180,6 +181,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask):
+        # Pre-norm residual block: each sublayer reads a normed copy and adds to x [B, T, H].
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 

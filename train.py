@@ -113,10 +113,13 @@ def train_on(cfg: RunConfig, model_path, rows, out_dir, tok, objective, ref_path
         add_reference_logps(ref_path, examples, tok.pad_id, out_dir / "ref_logps.pt", cfg.batch_size,
                             ref_dtype, cfg.device, progress=cfg.progress)
 
+    # The model is sharded over the ranks of a torchrun job (one process: unchanged); fit resumes
+    # from the stage's last checkpoint.
     model = dist.shard(load_model(cfg, model_path, score_head=True if objective == "bt_rm" else None))
     tcfg = cfg.train_config()
     hist = fit(model, examples, step, tcfg, out_dir / "train", tok.pad_id)
     steps_planned = math.ceil(len(micro_batches(len(examples), tcfg)) / cfg.grad_accum)
+    # Stopped early by --max-steps: no final model yet, so the checkpoints stay for --resume.
     if cfg.max_steps is not None and len(hist) < steps_planned:
         raise SystemExit(f"stopped at --max-steps {cfg.max_steps}; run again with --resume to finish")
     save_model(model, out_dir / "model", tok)

@@ -51,3 +51,19 @@ def test_one_row_generate_equals_the_reference_loop(monkeypatch, one_row_gemv):
                dict(temperature=1.0, top_p=0.9, seed=3, suffix=[7, 8], suffix_logit_ids=[3, 4])):
         _same(generate(m, ps, max_new_tokens=9, progress=False, **kw),
               reference_generate(m, ps, max_new_tokens=9, **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_rms_norm_is_bitwise_the_models(dtype):
+    # The engine's float32 norm is one F.rms_norm call; it must give the module's bits exactly, for
+    # every width and scale (the sampler's results may not move), and bf16 must stay the module.
+    from model import RMSNorm
+    g = torch.Generator().manual_seed(3)
+    for H in (8, 64, 576, 1536):
+        norm = RMSNorm(H, 1e-5)
+        norm.weight.data = torch.randn(H, generator=g)
+        norm = norm.to(dtype)
+        for rows, scale in ((1, 1e-3), (8, 1.0), (37, 40.0)):
+            x = (torch.randn(rows, 1, H, generator=g) * scale).to(dtype)
+            with torch.no_grad():
+                assert torch.equal(engine.rms_norm(norm, x), norm(x))
