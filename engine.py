@@ -61,6 +61,13 @@ def rms_norm(norm, x):
     return norm(x)
 
 
+def prefill_from_slot_zero(slot):
+    """Whether cache slots slot [B, T] are 0..T-1 in every row, T > 1: a prefill whose mask is
+    exactly the causal one."""
+    T = slot.shape[1]
+    return T > 1 and torch.equal(slot, torch.arange(T, device=slot.device).expand_as(slot))
+
+
 class KVCache:
     """One layer's static cache: keys and values [B, n_kv, S, hd]. Row b's token at position p
     lives in slot p (a sampled token, with a DecodeLayout: in slot gen_start + its index among the
@@ -258,15 +265,18 @@ class Engine:
         where = ((heads * self.length)[:, :, None] + slot[:, None, :]).flatten()  # [B * nkv * T]
         # Rows grouped by prompt (cascade); a static step reads each row's prompt from its own row.
         cascade = layout if layout is not None and layout.members is not None and not static else None
+        # A prefill from slot 0 (every row's tokens at slots 0..T-1): the mask is the causal one,
+        # which SDPA applies itself, skipping the key blocks it hides (bitwise the same, tested).
+        causal = layout is None and not static and prefill_from_slot_zero(slot)
         x = self.model.model.embed_tokens(idx)                                   # [B, T, H]
         for layer in self.layers:
             blk = layer.block
             h = rms_norm(blk.input_layernorm, x)
-            x = x + self._attention(layer, h, cos, sin, mask, where, rows, cascade)
+            x = x + self._attention(layer, h, cos, sin, mask, where, rows, cascade, causal)
             x = x + self._mlp(layer, rms_norm(blk.post_attention_layernorm, x))
         return rms_norm(self.model.model.norm, x)
 
-    def _attention(self, layer, x, cos, sin, mask, where, rows, cascade):
+    def _attention(self, layer, x, cos, sin, mask, where, rows, cascade, causal=False):
         """Attention with the cache: one matmul for q, k, v, RoPE on q and k at once, and at T = 1
         the g = nh / nkv query heads of a kv head as g queries (no expanded k, v). x [B, T, H]."""
         B, T, _ = x.shape
@@ -283,7 +293,8 @@ class Engine:
             # One token per row: the heads of [B, nkv, g, hd] are already in o_proj's input order.
             y = y.reshape(B, T, nh * hd)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [B, nh, T, hd]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                               enable_gqa=True)                        # [B, nh, T, hd]
             y = y.transpose(1, 2).reshape(B, T, nh * hd)
         return packed_linear(y, layer.wo)
 

@@ -67,3 +67,25 @@ def test_engine_rms_norm_is_bitwise_the_models(dtype):
             x = (torch.randn(rows, 1, H, generator=g) * scale).to(dtype)
             with torch.no_grad():
                 assert torch.equal(engine.rms_norm(norm, x), norm(x))
+
+
+def test_prefill_from_slot_zero_is_bitwise_the_masked_prefill(monkeypatch):
+    # A prefill from slot 0 lets SDPA apply the causal mask itself; the hidden states and every
+    # cached key and value must be bitwise those of the explicit additive mask.
+    m = tiny_model(seed=8).eval()
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(3, 300, (3, 40), generator=g)                 # right-padded rows look the same
+    pos = torch.arange(40)[None].expand(3, 40)
+    assert engine.prefill_from_slot_zero(pos) and not engine.prefill_from_slot_zero(pos + 1)
+
+    def run():
+        e = engine.Engine(m, 3, 48)
+        with torch.no_grad():
+            h = e.hidden(idx, pos=pos)
+        return h, [(layer.cache.k.clone(), layer.cache.v.clone()) for layer in e.layers]
+
+    fast, fast_cache = run()
+    monkeypatch.setattr(engine, "prefill_from_slot_zero", lambda slot: False)
+    masked, masked_cache = run()
+    assert torch.equal(fast, masked)
+    assert all(torch.equal(a, b) for x, y in zip(fast_cache, masked_cache) for a, b in zip(x, y))
