@@ -5,8 +5,9 @@ an `Engine` built from a model for one `generate` call (sample.py) and dropped a
   KVCache        preallocated keys and values of every row, a token at slot = its position
   DecodeLayout   where each row's sampled tokens sit and which rows share a prompt
   cascade_attention  decode attention reading each shared key once for all the rows that share it
-  Engine         the cached forward: RoPE tables, one additive mask per call, fused and prepacked
-                 weights ([q; k; v], [gate; up], lm_head) for few-row matmuls
+  Engine         the cached forward: RoPE tables, one additive mask per call (SDPA's own causal
+                 mask for a prefill from slot 0), fused and prepacked weights ([q; k; v],
+                 [gate; up], lm_head) for few-row matmuls, float32 norms as one call (rms_norm)
 
 The weights are copied when the engine is built (on CPU kept for the next engine of the same
 model while its weights are unchanged, packed_weights): they must not change while it is in use
