@@ -125,6 +125,24 @@ def save_model(model, path, tok=None):
     dist.barrier()
 
 
+def resume(out_dir, model, opt, sched, total, log=print):
+    """Restore the newest checkpoint in out_dir that loads (_loadable_checkpoint; a torn or
+    unreadable one is skipped with a message): the weights, the optimizer, the schedule and the RNG.
+    Returns (its step, the metrics rows written up to it), or (0, []) when there is none."""
+    found = _loadable_checkpoint(out_dir, log)
+    if found is None:
+        return 0, []
+    ck, state, loaded = found
+    dist.load_full_state_dict(model, loaded.state_dict())
+    dist.load_optimizer_state(model, opt, state["opt"])
+    sched.load_state_dict(state["sched"])
+    torch.set_rng_state(state["rng"])
+    start, metrics_f = state["step"], Path(out_dir) / "metrics.jsonl"
+    history = [r for _, r in read_jsonl(metrics_f) if r["step"] <= start] if metrics_f.exists() else []
+    log(f"resumed from {ck} at step {start}/{total}")
+    return start, history
+
+
 def accumulate_gradients(model, group, step_fn, pad_id, autocast=None):
     """Backward over the micro-batches `group` of one optimizer step: the one place where an
     objective becomes a mean. Every example carries its loss count `loss_terms` (loss tokens, or 1 per
@@ -166,23 +184,10 @@ def fit(model, examples, step_fn, cfg: TrainConfig, out_dir, pad_id, log=print):
     warmup_steps = max(1, round(cfg.warmup * total))
     schedule = partial(warmup_cosine, total=total, warmup_steps=warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    # Resume: the newest checkpoint that loads restores the weights, the optimizer, the schedule, the
-    # RNG and the metrics written up to it; a torn or unreadable one is skipped with a message.
-    start = 0
+    # Resume where a killed run stopped (or start at step 0).
+    start, history = resume(out_dir, model, opt, sched, total, log)
     latest = out_dir / "latest"
     metrics_f = out_dir / "metrics.jsonl"
-    history = []
-    found = _loadable_checkpoint(out_dir, log)
-    if found is not None:
-        ck, state, loaded = found
-        dist.load_full_state_dict(model, loaded.state_dict())
-        dist.load_optimizer_state(model, opt, state["opt"])
-        sched.load_state_dict(state["sched"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
-        if metrics_f.exists():
-            history = [r for _, r in read_jsonl(metrics_f) if r["step"] <= start]
-        log(f"resumed from {ck} at step {start}/{total}")
     autocast = torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     end = total if cfg.max_steps is None else min(total, cfg.max_steps)
     quiet = not cfg.progress or dist.rank() > 0

@@ -63,7 +63,7 @@ import torch
 import dist
 from data import Example, load_tokenizer
 from files import DEFAULT_MODEL, check_run_dir, read_json, read_jsonl, write_json, write_jsonl
-from fit import _loadable_checkpoint, prune_checkpoints, save_checkpoint, save_model
+from fit import prune_checkpoints, resume, save_checkpoint, save_model
 from kernels import pair_logps
 from losses import make_step_dpo
 from model import Llama
@@ -264,17 +264,7 @@ def run(cfg: OnlineConfig, out, log=print) -> dict:
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt,
                                               partial(warmup_cosine_const, warmup_steps=cfg.warmup_steps))
-    start, history = 0, []
-    found = _loadable_checkpoint(out, log)
-    if found is not None:
-        ck, state, loaded = found
-        dist.load_full_state_dict(policy, loaded.state_dict())
-        dist.load_optimizer_state(policy, opt, state["opt"])
-        sched.load_state_dict(state["sched"])
-        start = state["step"]
-        if (out / "metrics.jsonl").exists():
-            history = [r for _, r in read_jsonl(out / "metrics.jsonl") if r["step"] <= start]
-        log(f"resumed from {ck} at step {start}/{cfg.steps}")
+    start, history = resume(out, policy, opt, sched, cfg.steps, log)
 
     done = (out / "policy" / "config.json").exists()  # a finished run, resumed: report it again
     if done:
