@@ -57,7 +57,7 @@ def rms_norm(norm, x):
     there it runs the module's operations in the same order in one call (bitwise the module's
     result, tested), without six Python-level calls. Elsewhere the module itself: in bf16 F.rms_norm
     rounds once where the module rounds before its scale, and on CUDA it is a different kernel."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+    if x.device.type == "cpu" and x.dtype == torch.float32:  # the weights share the model dtype
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
     return norm(x)
 
